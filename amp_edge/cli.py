@@ -1,0 +1,130 @@
+"""The ``amp-edge`` command line: thin typed wrappers over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AmpEdgeError
+from .sources import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="AMP structured pruning of small LLMs, to ONNX packages.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _friendly(fn):
+    """User mistakes become one line on stderr and exit code 2; Ctrl-C exits 130. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AmpEdgeError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+@app.command()
+@_friendly
+def prune(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Short name, .gguf file, local folder or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned checkpoint."),
+    ratio: float = typer.Option(0.3, help="Fraction of all parameters to remove, in (0, 1)."),
+    criterion: str = typer.Option("amp", help="amp | wanda-sp | magnitude | random."),
+    allocation: str = typer.Option("uniform", help="uniform (standard config) | global (per-layer sizes)."),
+    gqa: str = typer.Option("query", help="query: same query heads out of every KV group | group: whole KV groups."),
+    min_keep: float = typer.Option(0.1, help="Fraction of heads and neurons every layer keeps at least."),
+    normalization: str = typer.Option("mean", help="Per-layer score normalization for global allocation: mean | zscore."),
+    calib: str = typer.Option("self", help="'self' (model-generated), a .txt/.jsonl/.json file, or a hub data set name."),
+    calib_samples: int = typer.Option(32, help="Calibration samples."),
+    calib_seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
+    calib_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records."),
+    calib_split: str = typer.Option("train", help="Split of a hub data set."),
+    batch_size: int = typer.Option(8, help="Calibration batch size."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling and the random criterion."),
+    plan: Optional[Path] = typer.Option(None, help="Apply a saved plan (JSON or a pruned folder) instead of scoring."),
+    dtype: str = typer.Option("float32", help="Weights dtype: float32 | float16 | bfloat16 | auto."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Score heads and neurons, remove the least important, save a compact checkpoint."""
+    from .calibration import CalibrationSpec
+    from .pipeline import PruneOptions
+    from .pipeline import prune as run_prune
+
+    spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
+    opts = PruneOptions(ratio, criterion, allocation, gqa, min_keep, normalization, spec, seed)
+    result = run_prune(model, out, opts, plan_path=plan, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    table = Table(title=f"pruned with {result.plan.criterion} ({result.plan.allocation}, gqa={result.plan.gqa})")
+    for col in ("layer", "heads", "kv heads", "ffn", "params"):
+        table.add_column(col, justify="right")
+    for row in result.layers:
+        table.add_row(str(row["layer"]), *(f"{a} → {b}" for a, b in (row["heads"], row["kv_heads"], row["ffn"])), f"{row['params_after']:,}")
+    out.print(table)
+    removed = 1 - result.params_after / result.params_before
+    out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s")
+    if result.out:
+        out.print(f"saved to {result.out}" + (" (per-layer sizes: load with amp_edge.load_pruned)" if result.per_layer else ""))
+
+
+@app.command()
+@_friendly
+def ppl(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model source or pruned checkpoint."),
+    data: Path = typer.Option(..., help="Text file, e.g. wikitext2/test.txt."),
+    window: int = typer.Option(1024, help="Tokens each forward pass sees."),
+    stride: Optional[int] = typer.Option(None, help="Tokens scored per window (default: window, disjoint windows)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the file."),
+    dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16 | auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Perplexity of a model on a text file (sliding window)."""
+    from .perplexity import perplexity, read_eval_text
+    from .sources import load_model
+
+    text = read_eval_text(data)
+    loaded = load_model(model, dtype=dtype)
+    result = perplexity(loaded.model, loaded.tokenizer, text, window, stride, max_tokens)
+    if as_json:
+        print(json.dumps({"model": model, "data": str(data), **result.to_dict()}))
+    else:
+        out.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens (window {result.window}, stride {result.stride})")
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,43 @@
+"""Typed errors. Each message names the bad value and what is allowed, so the CLI can print one line."""
+
+
+class AmpEdgeError(Exception):
+    """Base class of every error that is the user's input, not a bug."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(AmpEdgeError):
+    """A model source that does not exist (path, short name or hub id)."""
+
+
+class ModelLoadError(AmpEdgeError):
+    """A model source that exists but cannot be loaded."""
+
+
+class UnsupportedArchitectureError(AmpEdgeError):
+    """A model_type with no registered adapter."""
+
+
+class InvalidOptionError(AmpEdgeError):
+    """An option value outside its allowed range or set."""
+
+
+class AllocationError(AmpEdgeError):
+    """A ratio the model cannot reach without emptying a layer or breaking a GQA group."""
+
+
+class CalibrationError(AmpEdgeError):
+    """Calibration data that is missing, unreadable or empty."""
+
+
+class PlanError(AmpEdgeError):
+    """A pruning plan that is malformed or does not match the model."""
+
+
+class OutputExistsError(AmpEdgeError):
+    """An output folder that exists and --overwrite was not given."""
+
+
+class DataError(AmpEdgeError):
+    """An evaluation data file that is missing or empty."""

@@ -1,0 +1,68 @@
+"""Perplexity with a sliding window over a text file (e.g. WikiText-2 test)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DataError, InvalidOptionError
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token
+    tokens: int  # tokens scored
+    window: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_eval_text(path: str | Path) -> str:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read text file {path}: {e}") from None
+    if not text.strip():
+        raise DataError(f"text file {path} is empty")
+    return text
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | None = None,
+               max_tokens: int | None = None) -> PerplexityResult:
+    """Each window sees up to ``window`` tokens and scores only the ``stride`` new ones past the previous window.
+
+    stride == window gives disjoint windows; a smaller stride gives every scored token more context.
+    """
+    stride = stride or window
+    if window < 2 or not 0 < stride <= window:
+        raise InvalidOptionError(f"need window >= 2 and 0 < stride <= window, got window={window} stride={stride}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise DataError("text has fewer than 2 tokens")
+    device = next(model.parameters()).device
+    nll_sum, scored, prev_end = 0.0, 0, 0
+    for begin in tqdm(range(0, ids.numel() - 1, stride), desc="perplexity", unit="window", leave=False):
+        end = min(begin + window, ids.numel())
+        new = end - max(prev_end, begin + 1)  # tokens not scored before; the first token has no context
+        chunk = ids[begin:end].unsqueeze(0).to(device)
+        logits = model(input_ids=chunk, use_cache=False).logits[0, -new - 1 : -1].float()
+        nll_sum += torch.nn.functional.cross_entropy(logits, chunk[0, -new:], reduction="sum").item()
+        scored += new
+        prev_end = end
+        if end == ids.numel():
+            break
+    nll = nll_sum / scored
+    return PerplexityResult(math.exp(nll), nll, scored, window, stride)

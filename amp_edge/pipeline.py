@@ -1,0 +1,133 @@
+"""prune(): load -> calibrate -> score -> allocate -> apply -> save, as one library call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import get_adapter, supported_model_types
+from .allocation import check_options, allocate
+from .calibration import CalibrationSpec, calibration_batches
+from .checkpoint import check_output, save_pruned
+from .errors import UnsupportedArchitectureError
+from .plan import PruningPlan
+from .scoring import criteria, needs_calibration, score
+from .sources import LoadedModel, load_model, resolve
+from .surgery import apply_plan, count_parameters, needs_load_pruned
+from .versions import versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    ratio: float = 0.3
+    criterion: str = "amp"
+    allocation: str = "uniform"
+    gqa: str = "query"
+    min_keep: float = 0.1
+    normalization: str = "mean"
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    seed: int = 0
+
+    def check(self) -> None:
+        from .errors import InvalidOptionError
+
+        check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
+        if self.criterion not in criteria():
+            raise InvalidOptionError(f"unknown criterion {self.criterion!r}; choose from {', '.join(criteria())}")
+        if needs_calibration(self.criterion):
+            self.calibration.check()
+
+
+@dataclass
+class PruneResult:
+    plan: PruningPlan
+    layers: list[dict]
+    params_before: int
+    params_after: int
+    seconds: float
+    out: str | None = None
+    per_layer: bool = False  # True: the config carries per-layer sizes, load with amp_edge.load_pruned
+
+    def to_dict(self) -> dict:
+        return {
+            "out": self.out, "criterion": self.plan.criterion, "ratio": self.plan.ratio,
+            "allocation": self.plan.allocation, "gqa": self.plan.gqa,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "params_removed_fraction": 1 - self.params_after / self.params_before,
+            "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
+        }
+
+
+def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
+    """Score the model and decide what to keep; the model is not changed."""
+    opts.check()
+    adapter = get_adapter(loaded.model)
+    adapter.check_prunable()
+    # The ratio's feasibility depends on shapes only: refuse it before spending time on calibration.
+    allocate(adapter, score("random", adapter), opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    batches = calibration_batches(opts.calibration, loaded.model, loaded.tokenizer) if needs_calibration(opts.criterion) else []
+    scores = score(opts.criterion, adapter, batches, seed=opts.seed)
+    plan = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    plan.criterion = opts.criterion
+    plan.calibration = opts.calibration.to_dict() if needs_calibration(opts.criterion) else {}
+    plan.calibration["seed"] = opts.seed
+    return plan
+
+
+def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
+          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
+    """Prune ``source`` with AMP (or a replayed plan) and save the compact model to ``out``."""
+    start = time.perf_counter()
+    if out is not None:
+        check_output(out, overwrite)
+    plan = PruningPlan.load(plan_path) if plan_path else None
+    if plan is None:
+        opts.check()
+    _precheck_architecture(source)
+    loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(loaded.model)
+    before_shapes = adapter.shapes()
+    if plan is None:
+        plan = make_plan(loaded, opts)
+    plan.source = {k: v for k, v in loaded.source.items()}
+    plan.versions = versions()
+    params_before = count_parameters(loaded.model)
+    apply_plan(loaded.model, plan)
+    params_after = count_parameters(loaded.model)
+    plan.params = {"before": params_before, "after": params_after}
+    layers = _layer_summary(before_shapes, adapter)
+    if out is not None:
+        save_pruned(loaded.model, loaded.tokenizer, plan, out, overwrite=overwrite)
+    return PruneResult(plan, layers, params_before, params_after, time.perf_counter() - start,
+                       str(out) if out else None, needs_load_pruned(loaded.model.config))
+
+
+def _layer_summary(before, adapter) -> list[dict]:
+    rows = []
+    for i, (b, a) in enumerate(zip(before, adapter.shapes())):
+        layer = adapter.layers()[i]
+        rows.append({
+            "layer": i, "heads": [b.num_heads, a.num_heads], "kv_heads": [b.num_kv_heads, a.num_kv_heads],
+            "ffn": [b.intermediate_size, a.intermediate_size], "params_after": sum(p.numel() for p in layer.parameters()),
+        })
+    return rows
+
+
+def _precheck_architecture(source: str) -> None:
+    """Read a local folder's model_type before loading gigabytes of weights."""
+    where = resolve(source)
+    if where["kind"] != "folder":
+        return
+    try:
+        model_type = json.loads((Path(where["path"]) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return
+    if model_type not in supported_model_types():
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
+        )

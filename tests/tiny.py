@@ -1,0 +1,65 @@
+"""Tiny random models of every supported family, and a character tokenizer, built locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, MistralConfig, PhiConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, intermediate_size=96, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _configs() -> dict:
+    return {
+        "llama": LlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=8, **COMMON),
+        "llama-mha": LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **COMMON),
+        "mistral": MistralConfig(num_attention_heads=8, num_key_value_heads=4, head_dim=8, **COMMON),
+        "qwen2": Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **COMMON),
+        "qwen3": Qwen3Config(num_attention_heads=6, num_key_value_heads=2, head_dim=16, **COMMON),
+        "phi": PhiConfig(num_attention_heads=4, partial_rotary_factor=0.5, **COMMON),
+        "phi3": Phi3Config(num_attention_heads=4, num_key_value_heads=4, **COMMON),
+        "phi3-gqa": Phi3Config(num_attention_heads=8, num_key_value_heads=2, partial_rotary_factor=0.75, **COMMON),
+    }
+
+
+FAMILIES = list(_configs())
+
+
+def tiny_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = _configs()[name]
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random init gives near-uniform logits; larger weights make differences between heads visible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus <unk>/<s>/</s>/<pad>."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in ["\n"] + [chr(i) for i in range(32, 127)]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
+    model = tiny_model(name, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def sample_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
