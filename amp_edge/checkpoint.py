@@ -37,6 +37,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -47,6 +48,15 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and some writers 0600 files; the result is meant to be shared (umask applies)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
 
 
 def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite: bool = False) -> Path:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AmpEdgeError
+from .memory import cap_heap_growth
 from .sources import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AMP structured pruning of small LLMs, to ONNX packages.")
@@ -40,6 +41,7 @@ def _friendly(fn):
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
+    cap_heap_growth()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         from transformers.utils import logging as hf_logging
@@ -120,6 +122,69 @@ def ppl(
         print(json.dumps({"model": model, "data": str(data), **result.to_dict()}))
     else:
         out.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens (window {result.window}, stride {result.stride})")
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Pruned checkpoint, or any model source with --ratio."),
+    out: Path = typer.Option(..., "--out", "-o", help="Package folder to create."),
+    ratio: Optional[float] = typer.Option(None, help="Prune first by this fraction of parameters; 0 exports the dense model."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 | int8 | int4."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    optimize: str = typer.Option("fuse", help="fuse: ORT transformer fusions (RMSNorm, rotary) | none: the plain trace."),
+    keep_8bit: Optional[str] = typer.Option(None, help="int4 only: MatMuls kept at 8 bits, e.g. down_proj,lm_head."),
+    block_size: int = typer.Option(32, help="Quantization block size (int4/int8)."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute."),
+    int8_scheme: str = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger)."),
+    external_data: bool = typer.Option(True, "--external-data/--single-file", help="Weights in model.onnx.data (default; less memory) or in model.onnx when under 2 GB."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ONNX Runtime against PyTorch (default on)."),
+    min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55)."),
+    criterion: str = typer.Option("amp", help="Pruning criterion when --ratio > 0."),
+    allocation: str = typer.Option("uniform", help="uniform | global, when --ratio > 0."),
+    gqa: str = typer.Option("query", help="query | group, when --ratio > 0."),
+    calib: str = typer.Option("self", help="Calibration data when --ratio > 0."),
+    calib_samples: int = typer.Option(32, help="Calibration samples."),
+    calib_seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
+    plan: Optional[Path] = typer.Option(None, help="Apply a saved plan instead of scoring."),
+    overwrite: bool = typer.Option(False, help="Replace an existing package folder."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+):
+    """Export a (pruned) model as a validated ONNX package with KV cache."""
+    from exporters import ExportOptions, GraphSpec, QuantSpec, export
+
+    from .calibration import CalibrationSpec
+    from .pipeline import PruneOptions
+
+    keep = tuple(k.strip() for k in keep_8bit.split(",") if k.strip()) if keep_8bit else ()
+    opts = ExportOptions(
+        ratio=ratio,
+        prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len)),
+        plan=str(plan) if plan else None,
+        graph=GraphSpec(opset, optimize),
+        quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme),
+        validate=validate, min_top1=min_top1, external_data=external_data, trust_remote_code=trust_remote_code,
+    )
+    result = export(model, out, opts, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return
+    _print_export(result)
+
+
+def _print_export(result) -> None:
+    m = result.manifest
+    parity = m["parity"]
+    mb = m["onnx_bytes"] / 2**20
+    out.print(f"package {result.out}: {m['quantization']['dtype']}, {mb:.1f} MiB graph, "
+              f"{m['params']['after']:,} parameters (of {m['params']['before']:,}), {m['export_seconds']:.1f} s")
+    if "skipped" in parity:
+        out.print("validation skipped (--no-validate)")
+    else:
+        out.print(f"parity vs PyTorch: max |Δlogits| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
+                  + ("" if m["quantization"]["dtype"] != "fp32" else
+                     f", greedy {'identical' if all(s['greedy_equal'] for s in parity['shapes']) else 'DIFFERENT'} for 32 steps"))
 
 
 def run() -> None:

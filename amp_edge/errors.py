@@ -41,3 +41,19 @@ class OutputExistsError(AmpEdgeError):
 
 class DataError(AmpEdgeError):
     """An evaluation data file that is missing or empty."""
+
+
+class ExportError(AmpEdgeError):
+    """The graph could not be built or written (tracing failure, full disk)."""
+
+
+class ExportValidationError(ExportError):
+    """The exported graph does not compute what the PyTorch model computes; lists every mismatch."""
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = mismatches
+        super().__init__(f"export validation failed ({len(mismatches)} mismatches): " + "; ".join(mismatches))
+
+
+class PackageError(AmpEdgeError):
+    """A folder given as a package is not one (no model.onnx, unreadable graph, missing tokenizer)."""

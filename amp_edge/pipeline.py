@@ -82,9 +82,19 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
 def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
           overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
     """Prune ``source`` with AMP (or a replayed plan) and save the compact model to ``out``."""
-    start = time.perf_counter()
     if out is not None:
         check_output(out, overwrite)
+    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code)
+    if out is not None:
+        save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite)
+        result.out = str(out)
+    return result
+
+
+def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | None = None, dtype: str = "float32",
+                    trust_remote_code: bool = False) -> tuple[LoadedModel, PruneResult]:
+    """Load ``source`` and prune it in memory; returns the pruned model and what was done."""
+    start = time.perf_counter()
     plan = PruningPlan.load(plan_path) if plan_path else None
     if plan is None:
         opts.check()
@@ -100,11 +110,9 @@ def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: st
     apply_plan(loaded.model, plan)
     params_after = count_parameters(loaded.model)
     plan.params = {"before": params_before, "after": params_after}
-    layers = _layer_summary(before_shapes, adapter)
-    if out is not None:
-        save_pruned(loaded.model, loaded.tokenizer, plan, out, overwrite=overwrite)
-    return PruneResult(plan, layers, params_before, params_after, time.perf_counter() - start,
-                       str(out) if out else None, needs_load_pruned(loaded.model.config))
+    result = PruneResult(plan, _layer_summary(before_shapes, adapter), params_before, params_after,
+                         time.perf_counter() - start, None, needs_load_pruned(loaded.model.config))
+    return loaded, result
 
 
 def _layer_summary(before, adapter) -> list[dict]:

@@ -70,7 +70,8 @@ def _run(adapter: Adapter, batches: Iterable[torch.Tensor], hook_fn: Callable, d
     device = next(adapter.model.parameters()).device
     with input_hooks(modules, hook_fn):
         for batch in tqdm(list(batches), desc=desc, unit="batch", leave=False):
-            adapter.model(input_ids=batch.to(device), use_cache=False)
+            # The decoder body only: the LM head's logits (tokens x vocab) are not needed for scoring.
+            adapter.decoder(input_ids=batch.to(device), use_cache=False)
             tokens += batch.numel()
     return tokens
 

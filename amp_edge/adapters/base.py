@@ -133,8 +133,13 @@ class Adapter:
         self.config = model.config
 
     # --- structure ---------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer body without the LM head."""
+        return self.model.model
+
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.decoder.layers
 
     def attention(self, i: int) -> nn.Module:
         return getattr(self.layers()[i], self.attn_name)

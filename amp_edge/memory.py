@@ -1,0 +1,50 @@
+"""Process memory: keep glibc from hoarding freed tensor buffers, and read peak RSS."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def cap_heap_growth() -> bool:
+    """Serve allocations of 4 MiB and more with mmap, so they go back to the OS when freed.
+
+    glibc raises its mmap threshold after each large free; activation-sized temporaries then land on
+    the heap and fragment it (measured: pruning SmolLM2-135M peaked at 1.85 GB instead of 1.12 GB).
+    A fixed threshold stops that. A no-op off glibc.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (weights under 4 MiB live on the heap)."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None

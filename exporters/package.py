@@ -1,0 +1,174 @@
+"""`amp-edge export`: a model (pruned, or pruned here) -> a validated ONNX package folder.
+
+The package: model.onnx (+ model.onnx.data), config.json, generation_config.json, tokenizer files,
+genai_config.json (onnxruntime-genai) and amp_edge.json (the manifest: source, plan, dtype, sizes, parity).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amp_edge.checkpoint import atomic_dir, check_output
+from amp_edge.memory import release_memory
+from amp_edge.errors import ExportError, ExportValidationError, InvalidOptionError
+from amp_edge.pipeline import PruneOptions, prune_in_memory
+from amp_edge.plan import PLAN_FILE, PruningPlan
+from amp_edge.sources import LoadedModel, load_model, resolve
+from amp_edge.surgery import count_parameters
+from amp_edge.versions import versions
+
+from .genai import genai_config
+from runtime_bench.generate import OnnxDecoder, session_options
+
+from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, save_graph
+from .quantize import QuantSpec, quantize
+from .validate import compare, reference
+from .wrapper import kv_layout
+
+log = logging.getLogger(__name__)
+MANIFEST = "amp_edge.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class ExportOptions:
+    ratio: float | None = None  # None: SOURCE must be a pruned checkpoint; 0: export dense; > 0: prune first
+    prune: PruneOptions = field(default_factory=PruneOptions)
+    plan: str | None = None
+    graph: GraphSpec = field(default_factory=GraphSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    validate: bool = True
+    min_top1: float | None = None  # override the dtype's documented top-1 agreement bound
+    external_data: bool = True  # False: one file, when it fits protobuf's 2 GB limit
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.graph.opset < MIN_OPSET:
+            raise InvalidOptionError(f"opset {self.graph.opset} is too old; amp-edge exports opset {MIN_OPSET} or newer")
+        if self.graph.optimize not in OPTIMIZE_LEVELS:
+            raise InvalidOptionError(f"unknown optimize level {self.graph.optimize!r}; choose from {', '.join(OPTIMIZE_LEVELS)}")
+        self.quant.check(self.graph.opset)
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise InvalidOptionError(f"--min-top1 must be in [0, 1], got {self.min_top1}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise InvalidOptionError(f"ratio must be in [0, 1) (0 exports the dense model), got {self.ratio}")
+
+
+@dataclass
+class ExportResult:
+    out: str
+    manifest: dict
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, **self.manifest}
+
+
+def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = False) -> ExportResult:
+    """Build, quantize, validate and write a package; nothing is left at ``out`` unless all of it worked."""
+    start = time.perf_counter()
+    opts.check()
+    out = Path(out).expanduser()
+    if out.is_dir() and not any(out.iterdir()):
+        overwrite = True  # an empty folder holds nothing to lose
+    check_output(out, overwrite)
+    loaded, plan, params_before = _model(source, opts)
+    model = loaded.model
+    facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model)}
+    refs = reference(model, loaded.tokenizer) if opts.validate else None
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            _write_side_files(loaded, tmp)
+            # PyTorch's part ends with the trace (references were taken above): its weights are freed then
+            files = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts)
+            parity = _validate(refs, tmp, opts)
+            manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(f"disk full while writing the package to {out}; nothing was written") from None
+        raise ExportError(f"cannot write the package to {out}: {e.strerror or e}") from None
+    return ExportResult(str(out), manifest)
+
+
+def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan | None, int]:
+    """The PyTorch model to export: a pruned checkpoint as saved, or ``source`` pruned here by ``opts.ratio``."""
+    where = resolve(source)
+    pruned_ckpt = where["kind"] == "folder" and (Path(where["path"]) / PLAN_FILE).is_file()
+    if pruned_ckpt:
+        if opts.ratio:
+            raise InvalidOptionError(f"{source} is already a pruned checkpoint; export it without --ratio (got {opts.ratio})")
+        loaded = load_model(source, dtype="float32")
+        plan = PruningPlan.load(Path(where["path"]) / PLAN_FILE)
+        return loaded, plan, plan.params.get("before", count_parameters(loaded.model))
+    if opts.ratio is None and opts.plan is None:
+        raise InvalidOptionError(
+            f"{source} is not a pruned checkpoint: pass --ratio R to prune it first, or --ratio 0 to export it dense")
+    if opts.ratio == 0 and opts.plan is None:
+        loaded = load_model(source, dtype="float32", trust_remote_code=opts.trust_remote_code)
+        return loaded, None, count_parameters(loaded.model)
+    if opts.ratio is not None:
+        opts.prune.ratio = opts.ratio
+    loaded, result = prune_in_memory(source, opts.prune, opts.plan, "float32", opts.trust_remote_code)
+    return loaded, result.plan, result.params_before
+
+
+def _write_graph(graph, folder: Path, opts: ExportOptions) -> list[Path]:
+    graph = quantize(graph, opts.quant)
+    files = save_graph(graph, folder / "model.onnx", opts.external_data)
+    del graph
+    release_memory()
+    return files
+
+
+def _validate(refs, folder: Path, opts: ExportOptions):
+    if refs is None:
+        return None
+    options = session_options()
+    # Prepacked MatMul weights are a second copy of every weight: worth it for serving, not for a parity check
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    decoder = OnnxDecoder(folder, options=options)
+    parity = compare(decoder, refs, opts.quant.dtype, opts.min_top1)
+    del decoder
+    release_memory()
+    if not parity.ok:
+        raise ExportValidationError(parity.mismatches)
+    return parity
+
+
+def _write_side_files(loaded: LoadedModel, folder: Path) -> None:
+    model = loaded.model
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)
+    config = genai_config(model, loaded.tokenizer)
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
+
+
+def _manifest(source, loaded, plan, params_before, facts, opts: ExportOptions, files, parity, folder: Path, seconds: float) -> dict:
+    model = loaded.model
+    layout = facts["kv_layout"]
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        "format": MANIFEST_FORMAT,
+        "source": {"argument": source, **loaded.source},
+        "model_type": model.config.model_type,
+        "plan": plan.to_dict() if plan is not None else None,
+        "pruned": plan is not None,
+        "params": {"before": params_before, "after": facts["params_after"]},
+        "kv_layout": layout.to_dict(),
+        "uniform": layout.uniform(),
+        "graph": {"opset": opts.graph.opset, "optimize": opts.graph.optimize, "files": [f.name for f in files]},
+        "quantization": opts.quant.to_dict(),
+        "file_sizes": sizes,
+        "onnx_bytes": sum(sizes[f.name] for f in files),
+        "parity": parity.to_dict() if parity is not None else {"skipped": "--no-validate"},
+        "export_seconds": round(seconds, 2),
+        "versions": versions(),
+    }

@@ -1,0 +1,184 @@
+"""Parity of an exported graph with its PyTorch model: prefill + teacher-forced decode, and greedy tokens.
+
+Two shapes: one prompt alone, and a left-padded batch of two. Every mismatch is collected; the caller
+raises them together as one ExportValidationError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from runtime_bench.generate import OnnxDecoder
+
+# Documented bounds. fp32 must match the PyTorch model numerically (max |Δlogits| and 32 greedy tokens).
+# Lower precisions are judged by how often the most likely next token agrees with the fp32 PyTorch model
+# (top-1 agreement over every checked position) and must give finite logits; max |Δlogits| and its ratio
+# to the logit range are reported, not bounded: one outlier logit says little about generation quality.
+FP32_MAX_ABS = 1e-3
+MIN_TOP1 = {"fp16": 0.95, "int8": 0.85, "int4": 0.55}  # int4 RTN on SmolLM2-135M measured 0.61-0.70
+GREEDY_STEPS = 32
+
+
+@dataclass
+class ShapeResult:
+    name: str
+    batch: int
+    prompt_len: list[int]
+    decode_steps: int
+    max_abs_diff: float
+    rel_diff: float
+    top1_agreement: float
+    positions: int
+    greedy_equal: bool | None = None
+    greedy_first_mismatch: int | None = None
+
+
+@dataclass
+class Parity:
+    dtype: str
+    min_top1: float | None = None
+    shapes: list[ShapeResult] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_dict(self) -> dict:
+        worst = lambda key, fn: fn(getattr(s, key) for s in self.shapes) if self.shapes else None  # noqa: E731
+        bound = {"max_abs_diff": FP32_MAX_ABS, "greedy_steps": GREEDY_STEPS} if self.dtype == "fp32" else \
+            {"min_top1_agreement": self.min_top1}
+        return {"dtype": self.dtype, "ok": self.ok, "bound": bound,
+                "max_abs_diff": worst("max_abs_diff", max), "rel_diff": worst("rel_diff", max),
+                "top1_agreement": worst("top1_agreement", min),
+                "shapes": [asdict(s) for s in self.shapes], "mismatches": self.mismatches}
+
+
+def prompts(tokenizer, vocab: int) -> list[tuple[str, list[list[int]]]]:
+    """Two shapes: a single prompt, and a batch of two prompts of different lengths (left padding)."""
+    if tokenizer is not None:
+        enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        single = [enc("The quick brown fox jumps over the lazy dog. Then it")]
+        pair = [enc("Edge devices run small language models when"), enc("Pruning removes heads and")]
+        if all(len(p) >= 3 for p in single + pair):
+            return [("single", single), ("padded-batch", pair)]
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(min(4, vocab - 1), vocab, n).tolist()  # noqa: E731
+    return [("single", [ids(11)]), ("padded-batch", [ids(9), ids(6)])]
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy continuation with the PyTorch model, written out (no generate(): no config-driven surprises)."""
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            pos = (mask_t.cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            ids_t = torch.cat([ids_t, nxt], 1)
+            mask_t = torch.cat([mask_t, torch.ones_like(nxt)], 1)
+    return torch.cat(out, 1).numpy()
+
+
+@dataclass
+class Reference:
+    """What the PyTorch model computed for one shape: prompt, greedy continuation, logits at every position."""
+
+    name: str
+    ids: np.ndarray
+    mask: np.ndarray
+    continuation: np.ndarray
+    logits: np.ndarray
+
+
+def reference(model, tokenizer=None, steps: int = GREEDY_STEPS) -> list[Reference]:
+    """Run the PyTorch side once, before export, so the model's weights can be released afterwards."""
+    model = model.float().eval()
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    refs = []
+    for name, rows in prompts(tokenizer, model.config.vocab_size):
+        ids, mask = left_pad(rows, pad)
+        continuation = torch_greedy(model, ids, mask, steps)
+        full = np.concatenate([ids, continuation[:, :-1]], 1)
+        full_mask = np.concatenate([mask, np.ones_like(continuation[:, :-1])], 1)
+        with torch.no_grad():
+            pos = (torch.from_numpy(full_mask).cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=torch.from_numpy(full), attention_mask=torch.from_numpy(full_mask), position_ids=pos).logits
+        refs.append(Reference(name, ids, mask, continuation, logits.numpy()))
+    return refs
+
+
+def compare(decoder: OnnxDecoder, refs: list[Reference], dtype: str, min_top1: float | None = None) -> Parity:
+    parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]))
+    for ref in refs:
+        result = _teacher_forced(decoder, ref)
+        if dtype == "fp32":
+            steps = ref.continuation.shape[1]
+            onnx_tokens = decoder.generate(ref.ids, steps, attention_mask=ref.mask)[:, ref.ids.shape[1]:]
+            equal = onnx_tokens.shape == ref.continuation.shape and bool((onnx_tokens == ref.continuation).all())
+            result.greedy_equal = equal
+            if not equal:
+                col = np.nonzero((onnx_tokens != ref.continuation[:, :onnx_tokens.shape[1]]).any(0))[0]
+                result.greedy_first_mismatch = int(col[0]) if len(col) else onnx_tokens.shape[1]
+        parity.shapes.append(result)
+        parity.mismatches += _judge(result, dtype, parity.min_top1)
+    return parity
+
+
+def check(model, decoder: OnnxDecoder, dtype: str, tokenizer=None, steps: int = GREEDY_STEPS) -> Parity:
+    return compare(decoder, reference(model, tokenizer, steps), dtype)
+
+
+def _teacher_forced(decoder: OnnxDecoder, ref: Reference) -> ShapeResult:
+    """Prefill the prompt, then feed the PyTorch model's own tokens one by one; compare every step's logits."""
+    ids, mask, continuation = ref.ids, ref.mask, ref.continuation
+    full = np.concatenate([ids, continuation], 1)
+    full_mask = np.concatenate([mask, np.ones_like(continuation)], 1)
+    prompt_len = ids.shape[1]
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    logits, cache = decoder.step(ids, mask, positions, decoder.empty_cache(ids.shape[0]))
+    got = [logits.astype(np.float32)]
+    for t in range(continuation.shape[1] - 1):
+        cur = prompt_len + t
+        logits, cache = decoder.step(full[:, cur:cur + 1], full_mask[:, :cur + 1], positions[:, -1:] + t + 1, cache)
+        got.append(logits.astype(np.float32))
+    got = np.concatenate(got, 1)
+    expected = ref.logits[:, :got.shape[1]]
+    valid = full_mask[:, :got.shape[1]].astype(bool)  # padded positions have no meaningful logits
+    if not np.isfinite(got[valid]).all():
+        return ShapeResult(ref.name, ids.shape[0], mask.sum(1).tolist(), continuation.shape[1] - 1,
+                           float("inf"), float("inf"), 0.0, int(valid.sum()))
+    diff = np.abs(got - expected)[valid]
+    span = float((expected[valid].max(-1) - expected[valid].min(-1)).mean())
+    agree = (got.argmax(-1) == expected.argmax(-1))[valid]
+    return ShapeResult(ref.name, ids.shape[0], mask.sum(1).tolist(), continuation.shape[1] - 1, float(diff.max()),
+                       float(diff.max() / span) if span else 0.0, float(agree.mean()), int(valid.sum()))
+
+
+def _judge(r: ShapeResult, dtype: str, min_top1: float | None) -> list[str]:
+    out = []
+    if not np.isfinite(r.max_abs_diff):
+        return [f"{r.name}: non-finite logits ({dtype})"]
+    if dtype == "fp32":
+        if r.max_abs_diff > FP32_MAX_ABS:
+            out.append(f"{r.name}: max |Δlogits| {r.max_abs_diff:.2e} > {FP32_MAX_ABS:.0e}")
+        if not r.greedy_equal:
+            out.append(f"{r.name}: greedy tokens differ from PyTorch at step {r.greedy_first_mismatch} of {GREEDY_STEPS}")
+    elif r.top1_agreement < min_top1:
+        out.append(f"{r.name}: top-1 agreement {r.top1_agreement:.3f} < {min_top1} ({dtype}; max |Δlogits| {r.max_abs_diff:.2f})")
+    return out

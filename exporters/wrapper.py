@@ -1,0 +1,106 @@
+"""The traced module: a decoder step with explicit KV-cache tensors, one graph for prefill and decode.
+
+Inputs  input_ids (batch, seq), attention_mask (batch, past+seq), position_ids (batch, seq),
+        past_key_values.{i}.key|value (batch, kv_heads_i, past, head_dim)
+Outputs logits (batch, seq, vocab), present.{i}.key|value (batch, kv_heads_i, past+seq, head_dim)
+These are the names optimum's ORTModelForCausalLM and onnxruntime-genai look for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from amp_edge.adapters import get_adapter
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the graph's cache inputs look like: one (kv_heads, head_dim) per layer."""
+
+    kv_heads: tuple[int, ...]
+    head_dim: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_heads)
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids"] + [
+            f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")
+        ]
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {
+            "input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"},
+        }
+        for i in range(self.num_layers):
+            for kv in ("key", "value"):
+                axes[f"past_key_values.{i}.{kv}"] = {0: "batch_size", 2: "past_sequence_length"}
+                axes[f"present.{i}.{kv}"] = {0: "batch_size", 2: "total_sequence_length"}
+        return axes
+
+    def uniform(self) -> bool:
+        return len(set(self.kv_heads)) == 1
+
+    def to_dict(self) -> dict:
+        return {"kv_heads": list(self.kv_heads), "head_dim": self.head_dim}
+
+
+def kv_layout(model: torch.nn.Module) -> KVLayout:
+    adapter = get_adapter(model)
+    return KVLayout(tuple(s.num_kv_heads for s in adapter.shapes()), adapter.head_dim)
+
+
+def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, seq, total) mask: 0 where a query may attend (causal and not padding), dtype-min elsewhere.
+
+    Built here from plain tensor ops so the trace does not depend on transformers' mask helpers.
+    """
+    total = attention_mask.shape[1]
+    q_pos = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
+    k_pos = torch.arange(total, device=attention_mask.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, low)
+
+
+class DecoderStep(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_layers = kv_layout(model).num_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 4, past: int = 3) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs with a non-empty past, so every dynamic axis is exercised."""
+    layout = kv_layout(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous()
+    kv = []
+    for h in layout.kv_heads:
+        kv += [torch.zeros(batch, h, past, layout.head_dim, dtype=model.dtype)] * 2
+    return (ids, mask, pos, *kv)

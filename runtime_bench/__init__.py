@@ -1,0 +1,1 @@
+"""Runtime side of amp-edge: a torch-free generation loop and latency/memory benchmarks under ONNX Runtime."""

@@ -1,0 +1,139 @@
+"""Greedy generation with an exported decoder under ONNX Runtime.
+
+Needs only onnxruntime and numpy (tokenizers for text), so an app on a device can use this module as is.
+The graph's own input shapes say how many KV heads each layer has, so per-layer packages work too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+MODEL_FILE = "model.onnx"
+
+
+class PackageError(ValueError):
+    """The folder or file is not a usable decoder graph (torch-free code, so not an AmpEdgeError)."""
+
+
+def session_options(threads: int | None = None, level: str = "all") -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    return opts
+
+
+@dataclass
+class StepTimes:
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+
+
+class OnnxDecoder:
+    """One inference session over a decoder graph with inputs input_ids/attention_mask/position_ids/past_*."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 options: ort.SessionOptions | None = None):
+        path = Path(path)
+        model = path / MODEL_FILE if path.is_dir() else path
+        if not model.is_file():
+            raise PackageError(f"{path} has no {MODEL_FILE}; not an exported package")
+        try:
+            self.session = ort.InferenceSession(str(model), sess_options=options or session_options(), providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own untyped exceptions for unreadable graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PackageError(f"cannot load {model}: {first}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - set(inputs)
+        if missing:
+            raise PackageError(f"{model} is not a decoder graph: it lacks inputs {sorted(missing)}")
+        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_key)
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.has_position_ids = "position_ids" in inputs
+        self.kv_heads = [inputs[n].shape[1] for n in self.past_names[::2]]
+        self.head_dim = inputs[self.past_names[0]].shape[3] if self.past_names else 0
+        self.kv_dtype = _NP_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
+        self.output_names = ["logits"] + self.present_names
+        self.path = model
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_heads)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, h, 0, self.head_dim), self.kv_dtype) for h in self.kv_heads for _ in range(2)]
+
+    def kv_bytes(self, cache: Sequence[np.ndarray]) -> int:
+        return int(sum(a.nbytes for a in cache))
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if self.has_position_ids:
+            feeds["position_ids"] = position_ids.astype(np.int64)
+        feeds.update(zip(self.past_names, cache))
+        outs = self.session.run(self.output_names, feeds)
+        return outs[0], outs[1:]
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
+                 eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
+                 times: StepTimes | None = None) -> np.ndarray:
+        """Greedy decoding; returns (batch, prompt + new) token ids. Left padding via ``attention_mask``."""
+        return np.concatenate([input_ids, np.stack(list(self.stream(
+            input_ids, max_new_tokens, attention_mask, eos_token_ids, on_token, times)), axis=1)], axis=1) \
+            if max_new_tokens > 0 else input_ids
+
+    def stream(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
+               eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
+               times: StepTimes | None = None) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, one step at a time (rows that hit EOS repeat it)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch = input_ids.shape[0]
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        cache = self.empty_cache(batch)
+        done = np.zeros(batch, dtype=bool)
+        eos = np.asarray(list(eos_token_ids), dtype=np.int64)
+        ids = input_ids
+        prev = None
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            logits, cache = self.step(ids, mask, positions, cache)
+            token = logits[:, -1, :].argmax(-1).astype(np.int64)
+            if times is not None:
+                elapsed = time.perf_counter() - start
+                if step == 0:
+                    times.prefill_s = elapsed
+                else:
+                    times.decode_s.append(elapsed)
+            if prev is not None:
+                token = np.where(done, prev, token)
+            done |= np.isin(token, eos)
+            prev = token
+            self.last_cache = cache
+            if on_token is not None:
+                on_token(token)
+            yield token
+            if done.all():
+                return
+            ids = token[:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+
+
+def _layer_key(name: str) -> tuple[int, int]:
+    _, layer, kind = name.rsplit(".", 2)
+    return int(layer), 0 if kind == "key" else 1
