@@ -1,0 +1,175 @@
+"""Export: parity on every family (uniform and per-layer), quantized graphs, interop, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from amp_edge import load_model
+from amp_edge.errors import AmpEdgeError, ExportError, ExportValidationError, InvalidOptionError, OutputExistsError
+from amp_edge.pipeline import PruneOptions, prune
+from exporters import MANIFEST, ExportOptions, QuantSpec, export
+from runtime_bench.generate import OnnxDecoder
+from tests.tiny import FAMILIES, save_tiny
+
+PROMPT = [[5, 9, 33, 70, 12, 44]]
+
+
+def pruned(tmp_path: Path, family: str, allocation: str) -> Path:
+    dense = save_tiny(family, tmp_path / "dense")
+    out = tmp_path / "pruned"
+    prune(str(dense), out, PruneOptions(ratio=0.3, criterion="random", allocation=allocation, min_keep=0.25))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_parity_per_layer_every_family(tmp_path, family):
+    src = pruned(tmp_path, family, "global")
+    result = export(str(src), tmp_path / "pkg", ExportOptions())
+    parity = result.manifest["parity"]
+    assert parity["ok"] and parity["max_abs_diff"] <= 1e-3
+    assert all(s["greedy_equal"] for s in parity["shapes"]) and len(parity["shapes"]) == 2
+    # each layer's KV inputs carry that layer's head count
+    decoder = OnnxDecoder(tmp_path / "pkg")
+    assert decoder.kv_heads == result.manifest["kv_layout"]["kv_heads"]
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_uniform_package_contents(tmp_path, family):
+    src = pruned(tmp_path, family, "uniform")
+    export(str(src), tmp_path / "pkg", ExportOptions())
+    pkg = tmp_path / "pkg"
+    for name in ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "genai_config.json", MANIFEST):
+        assert (pkg / name).is_file(), name
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    assert manifest["pruned"] and manifest["uniform"] and manifest["params"]["after"] < manifest["params"]["before"]
+    assert manifest["file_sizes"]["model.onnx.data"] > 0 and manifest["plan"]["criterion"] == "random"
+    assert json.loads((pkg / "config.json").read_text())["head_dim"] == load_model(str(src)).model.config.head_dim
+
+
+def test_dense_export_with_ratio_zero_and_prune_in_one_command(tmp_path):
+    dense = save_tiny("llama", tmp_path / "dense")
+    a = export(str(dense), tmp_path / "a", ExportOptions(ratio=0))
+    b = export(str(dense), tmp_path / "b", ExportOptions(ratio=0.3, prune=PruneOptions(criterion="magnitude")))
+    assert not a.manifest["pruned"] and a.manifest["params"]["after"] == a.manifest["params"]["before"]
+    assert b.manifest["pruned"] and b.manifest["params"]["after"] < 0.75 * b.manifest["params"]["before"]
+
+
+def _matmul_bits(path: Path) -> dict[str, int]:
+    g = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
+def test_quantized_exports_report_parity(tmp_path, dtype):
+    dense = save_tiny("llama", tmp_path / "dense")
+    fp32 = export(str(dense), tmp_path / "fp32", ExportOptions(ratio=0))
+    # tiny random weights are far more fragile than a trained model's: the bound is lowered for the test
+    q = export(str(dense), tmp_path / dtype, ExportOptions(ratio=0, quant=QuantSpec(dtype), min_top1=0.2))
+    parity = q.manifest["parity"]
+    assert parity["dtype"] == dtype and 0.2 <= parity["top1_agreement"] <= 1 and np.isfinite(parity["max_abs_diff"])
+    assert q.manifest["onnx_bytes"] < fp32.manifest["onnx_bytes"]
+    bits = _matmul_bits(tmp_path / dtype)
+    if dtype == "fp16":
+        assert not bits
+    else:
+        assert bits and set(bits.values()) == {4 if dtype == "int4" else 8}
+        assert any("lm_head" in n for n in bits)  # the output head is quantized too
+
+
+def test_keep_8bit_and_bound_failure(tmp_path):
+    dense = save_tiny("llama", tmp_path / "dense")
+    export(str(dense), tmp_path / "mixed", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("down_proj",)), min_top1=0.0))
+    bits = _matmul_bits(tmp_path / "mixed")
+    assert {b for n, b in bits.items() if "down_proj" in n} == {8}
+    assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
+    with pytest.raises(ExportValidationError) as e:  # every shape's failure is listed, nothing is written
+        export(str(dense), tmp_path / "strict", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=1.0))
+    if "single" in str(e.value) and "padded-batch" in str(e.value):
+        assert len(e.value.mismatches) == 2
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(InvalidOptionError, match="no MatMul: gate"):
+        export(str(dense), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("gate",))))
+
+
+def test_interop_optimum_and_genai_match_pytorch(tmp_path):
+    from exporters.optimum_model import PrunedORTModelForCausalLM
+
+    og = pytest.importorskip("onnxruntime_genai")
+    for family, allocation in (("llama", "uniform"), ("phi3", "uniform"), ("llama", "global")):
+        root = tmp_path / f"{family}-{allocation}"
+        src = pruned(root, family, allocation)
+        export(str(src), root / "pkg", ExportOptions())
+        ids = torch.tensor(PROMPT)
+        want = load_model(str(src)).model.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+        ours = OnnxDecoder(root / "pkg").generate(ids.numpy(), 12)[0].tolist()
+        opt = PrunedORTModelForCausalLM.from_pretrained(root / "pkg", use_cache=True, use_io_binding=False)
+        got_optimum = opt.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+        model = og.Model(str(root / "pkg"))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT[0]) + 12, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array(PROMPT, dtype=np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        got_genai = gen.get_sequence(0).tolist()
+        assert ours == want and got_optimum == want and got_genai == want, (family, allocation)
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    dense = save_tiny("llama", tmp_path / "dense")
+    with pytest.raises(InvalidOptionError, match="unknown dtype 'int3'"):
+        export(str(dense), tmp_path / "x", ExportOptions(ratio=0, quant=QuantSpec("int3")))
+    with pytest.raises(InvalidOptionError, match="opset 11 is too old"):
+        export(str(dense), tmp_path / "x", ExportOptions(ratio=0, graph=__import__("exporters").GraphSpec(opset=11)))
+    with pytest.raises(InvalidOptionError, match="not a pruned checkpoint"):
+        export(str(dense), tmp_path / "x", ExportOptions())
+    with pytest.raises(AmpEdgeError, match="not a model"):
+        (tmp_path / "empty").mkdir()
+        export(str(tmp_path / "empty"), tmp_path / "x", ExportOptions(ratio=0))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError):
+        export(str(dense), tmp_path / "full", ExportOptions(ratio=0))
+    assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+    assert not (tmp_path / "x").exists()
+
+    import exporters.package as package
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(package, "save_graph", disk_full)
+    with pytest.raises(ExportError, match="disk full"):
+        export(str(dense), tmp_path / "y", ExportOptions(ratio=0))
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(package, "save_graph", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(dense), tmp_path / "z", ExportOptions(ratio=0))
+    assert not (tmp_path / "z").exists() and not list(tmp_path.glob(".z.tmp-*"))
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from amp_edge.cli import app
+
+    dense = save_tiny("llama", tmp_path / "dense")
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--out", str(tmp_path / "pkg"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["parity"]["ok"]
+    r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--out", str(tmp_path / "pkg")])
+    assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--dtype", "int3", "--out", str(tmp_path / "p2")])
+    assert r.exit_code == 2 and "unknown dtype" in r.output
