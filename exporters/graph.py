@@ -42,6 +42,17 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     """
     layout = kv_layout(model)
     step = DecoderStep(model).eval()
+    tensors = dict(step.named_parameters(remove_duplicate=False))
+    tensors.update(step.named_buffers(remove_duplicate=False))
+    stored = _write_tensors(tensors, folder / "weights.bin")
+    del tensors
+    if release_weights:
+        # The trace needs shapes, not values (it has no value-dependent branches; validation would catch one),
+        # and it makes a transient copy of every parameter (~1.3x the weights): free the real ones first.
+        # Each placeholder gets its own value: the exporter merges initializers of equal content.
+        for i, p in enumerate(model.parameters()):
+            p.data = torch.full((), float(i + 1), dtype=p.dtype).expand(p.shape)
+        release_memory()
     traced = folder / "traced.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches: the branches are shape-only
@@ -52,14 +63,7 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
         )
     graph = onnx.load(str(traced))
     traced.unlink()
-    tensors = dict(step.named_parameters(remove_duplicate=False))
-    tensors.update(step.named_buffers(remove_duplicate=False))
-    _stream_weights(graph, tensors, folder, "weights.bin")
-    del tensors
-    if release_weights:  # the caller has no further use for the PyTorch weights: free them before the ONNX work
-        for p in model.parameters():
-            p.data = p.data.new_empty(0)
-        release_memory()
+    _bind_weights(graph, stored)
     fold_weight_transposes(graph, folder, "weights_t.bin")
     if spec.optimize == "fuse":
         with _working_dir(folder):  # the optimizer's shape inference resolves weights.bin relative to the cwd
@@ -89,19 +93,29 @@ def _external(name: str, data_type: int, dims, location: str, offset: int, lengt
     return t
 
 
-def _stream_weights(graph: onnx.ModelProto, tensors: dict[str, torch.Tensor], folder: Path, data: str) -> None:
-    """Turn the weight inputs of a trace taken with export_params=False into initializers stored in ``data``."""
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, onnx.TensorProto]:
+    """Write every tensor once (tied weights share one copy) and return external-data initializers for them."""
     from onnx.helper import np_dtype_to_tensor_dtype
 
-    weights = [i for i in graph.graph.input if i.name in tensors]
-    with open(folder / data, "wb") as sink:
-        for inp in weights:
-            array = tensors[inp.name].detach().contiguous().numpy()
-            offset = sink.tell()
-            sink.write(array.tobytes())
-            graph.graph.initializer.append(
-                _external(inp.name, np_dtype_to_tensor_dtype(array.dtype), array.shape, data, offset, array.nbytes))
+    stored: dict[str, onnx.TensorProto] = {}
+    written: dict[int, tuple[int, int]] = {}
+    with open(path, "wb") as sink:
+        for name, tensor in tensors.items():
+            array = tensor.detach().contiguous().numpy()
+            key = tensor.data_ptr()
+            if key not in written:
+                written[key] = (sink.tell(), array.nbytes)
+                sink.write(array.tobytes())
+            offset, length = written[key]
+            stored[name] = _external(name, np_dtype_to_tensor_dtype(array.dtype), array.shape, path.name, offset, length)
+    return stored
+
+
+def _bind_weights(graph: onnx.ModelProto, stored: dict[str, onnx.TensorProto]) -> None:
+    """A trace taken with export_params=False has the weights as graph inputs: make them initializers again."""
+    weights = [i for i in graph.graph.input if i.name in stored]
     for inp in weights:
+        graph.graph.initializer.append(stored[inp.name])
         graph.graph.input.remove(inp)
 
 

@@ -33,7 +33,7 @@ def test_fp32_parity_per_layer_every_family(tmp_path, family):
     src = pruned(tmp_path, family, "global")
     result = export(str(src), tmp_path / "pkg", ExportOptions())
     parity = result.manifest["parity"]
-    assert parity["ok"] and parity["max_abs_diff"] <= 1e-3
+    assert parity["ok"] and parity["max_abs_diff"] <= 1e-3 == parity["bound"]["max_abs_diff"]
     assert all(s["greedy_equal"] for s in parity["shapes"]) and len(parity["shapes"]) == 2
     # each layer's KV inputs carry that layer's head count
     decoder = OnnxDecoder(tmp_path / "pkg")

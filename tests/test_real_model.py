@@ -48,3 +48,33 @@ def test_amp_beats_random_and_magnitude_on_smollm2():
         ppl[criterion] = perplexity(apply_plan(model, plan), loaded.tokenizer, text, window=512, max_tokens=2048).perplexity
     assert dense < ppl["amp"] < 10 * dense
     assert ppl["amp"] < ppl["random"] / 10 and ppl["amp"] < ppl["magnitude"] / 10, ppl
+
+
+def test_smollm2_pruned_package_runs_in_all_three_runtimes(tmp_path):
+    import numpy as np
+    import torch
+
+    from exporters import ExportOptions, export
+    from exporters.optimum_model import PrunedORTModelForCausalLM
+    from amp_edge.pipeline import PruneOptions
+    from runtime_bench.generate import OnnxDecoder
+
+    og = pytest.importorskip("onnxruntime_genai")
+    opts = ExportOptions(ratio=0.3, prune=PruneOptions(calibration=CalibrationSpec(num_samples=8)))
+    result = export("smollm2-135m", tmp_path / "pkg", opts)
+    assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 1.5e-3
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pkg")
+    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
+    ours = OnnxDecoder(tmp_path / "pkg").generate(ids, 16)[0].tolist()
+    opt = PrunedORTModelForCausalLM.from_pretrained(tmp_path / "pkg", use_cache=True, use_io_binding=False)
+    got_optimum = opt.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, min_new_tokens=16)[0].tolist()
+    model = og.Model(str(tmp_path / "pkg"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + 16, min_length=ids.shape[1] + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids.astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert got_optimum == ours and gen.get_sequence(0).tolist() == ours
