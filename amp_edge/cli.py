@@ -187,6 +187,55 @@ def _print_export(result) -> None:
                      f", greedy {'identical' if all(s['greedy_equal'] for s in parity['shapes']) else 'DIFFERENT'} for 32 steps"))
 
 
+@app.command()
+@_friendly
+def bench(
+    packages: list[str] = typer.Argument(..., help="Package folders; the first is the baseline for ratios."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.json, bench.md and bench.png."),
+    provider: str = typer.Option("cpu", help="cpu | cuda (needs onnxruntime-gpu and a GPU)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: ONNX Runtime's choice)."),
+    prompt_len: str = typer.Option("128,512", help="Prompt lengths, comma-separated."),
+    gen_len: int = typer.Option(64, help="New tokens per run."),
+    batch: int = typer.Option(1, help="Batch size."),
+    repeat: int = typer.Option(10, help="Measured runs per package and prompt length."),
+    warmup: int = typer.Option(2, help="Unmeasured runs first."),
+    torch_ref: bool = typer.Option(False, "--torch", help="Add the PyTorch eager model (rebuilt from the first package's manifest)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Latency and memory of packages under ONNX Runtime, side by side."""
+    from rich.progress import Progress
+
+    from runtime_bench.bench import BenchError, BenchSpec, run_bench
+    from runtime_bench.report import markdown, write
+
+    from .checkpoint import atomic_dir, check_output
+    from .errors import InvalidOptionError
+
+    try:
+        lens = tuple(int(x) for x in prompt_len.split(",") if x.strip())
+    except ValueError:
+        raise InvalidOptionError(f"--prompt-len must be integers separated by commas, got {prompt_len!r}") from None
+    check_output(out, overwrite)
+    spec = BenchSpec(provider, threads, lens, gen_len, batch, repeat, warmup)
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("benchmarking", total=None)
+            report = run_bench(packages, spec, torch_ref, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except BenchError as e:
+        raise InvalidOptionError(str(e)) from None
+    with atomic_dir(out, overwrite) as tmp:
+        write(report, tmp)
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        _console_print(markdown(report))
+
+
+def _console_print(text: str) -> None:
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def run() -> None:
     app()
 

@@ -1,0 +1,72 @@
+"""Bench: interleaved runs in worker processes, reports, provider selection, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from amp_edge.cli import app
+from exporters import ExportOptions, QuantSpec, export
+from runtime_bench.bench import BenchError, BenchSpec, run_bench
+from tests.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    dense = save_tiny("llama", root / "dense")
+    export(str(dense), root / "dense-fp32", ExportOptions(ratio=0))
+    export(str(dense), root / "amp30-int4", ExportOptions(ratio=0.3, quant=QuantSpec("int4"), min_top1=0.0))
+    return root
+
+
+def test_report_rows_ratios_and_limit(packages):
+    spec = BenchSpec(threads=1, prompt_lens=(8, 16), gen_len=6, repeat=2, warmup=1)
+    report = run_bench([str(packages / "dense-fp32"), str(packages / "amp30-int4")], spec, torch_reference=True)
+    rows = report["rows"]
+    assert len(rows) == 3 * 2 and report["baseline"] == "dense-fp32"
+    env = report["environment"]
+    assert env["provider"] == "cpu" and env["copy_bandwidth_bytes_per_s"] > 1e8 and env["onnxruntime"]
+    for r in rows:
+        assert len(r["samples"]) == 2 and all(len(s["decode_ms"]) == 5 for s in r["samples"])
+        assert r["decode_ms_p50"] > 0 and r["peak_rss"] > 10 * 2**20 and r["kv_bytes_end"] > 0
+    base = [r for r in rows if r["name"] == "dense-fp32"]
+    assert all(r["decode_speedup_vs_baseline"] == pytest.approx(1.0) for r in base)
+    int4 = [r for r in rows if r["name"] == "amp30-int4"]
+    assert all(r["bytes_ratio_vs_baseline"] > 2 for r in int4)  # 30% fewer weights at 4 bits read far less
+    torch_rows = [r for r in rows if r["kind"] == "torch"]
+    assert torch_rows and all(r["limit_ms"] is None for r in torch_rows)
+    # KV bytes at the end: layers x 2 x kv_heads x (prompt + new - 1) x head_dim x 4 bytes (fp32)
+    r8 = next(r for r in base if r["prompt_len"] == 8)
+    assert r8["kv_bytes_end"] == 3 * 2 * 2 * (8 + 6 - 1) * 8 * 4
+
+
+def test_cli_writes_json_markdown_png(packages, tmp_path):
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["bench", str(packages / "dense-fp32"), str(packages / "amp30-int4"), "--prompt-len", "8",
+                                 "--gen-len", "4", "--repeat", "1", "--warmup", "0", "--threads", "1", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"]
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.png"}
+    assert (out / "bench.png").stat().st_size > 1000 and "| amp30-int4 |" in (out / "bench.md").read_text()
+
+
+def test_bad_input(packages, tmp_path):
+    spec = BenchSpec(prompt_lens=(8,), gen_len=2, repeat=1, warmup=0)
+    with pytest.raises(BenchError, match="not a package"):
+        run_bench([str(tmp_path)], spec)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BenchError, match="not a readable ONNX graph"):
+        run_bench([str(corrupt)], spec)
+    with pytest.raises(BenchError, match="unknown provider 'tpu'"):
+        run_bench([str(packages / "dense-fp32")], BenchSpec(provider="tpu"))
+    with pytest.raises(BenchError, match="exceeds"):
+        run_bench([str(packages / "dense-fp32")], BenchSpec(prompt_lens=(300,), gen_len=2))
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", str(packages / "dense-fp32"), "--provider", "cuda", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not available" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
