@@ -46,7 +46,7 @@ class OnnxDecoder:
     """One inference session over a decoder graph with inputs input_ids/attention_mask/position_ids/past_*."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 options: ort.SessionOptions | None = None):
+                 options: ort.SessionOptions | None = None, io_binding: bool = True):
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
@@ -68,6 +68,10 @@ class OnnxDecoder:
         self.kv_dtype = _NP_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
         self.output_names = ["logits"] + self.present_names
         self.path = model
+        self.io_binding = io_binding
+        # The KV cache stays in ONNX Runtime's memory (on the GPU with CUDA): each step's present tensors are
+        # bound as the next step's past, never copied through numpy.
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     @property
     def num_layers(self) -> int:
@@ -76,8 +80,33 @@ class OnnxDecoder:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, self.head_dim), self.kv_dtype) for h in self.kv_heads for _ in range(2)]
 
-    def kv_bytes(self, cache: Sequence[np.ndarray]) -> int:
-        return int(sum(a.nbytes for a in cache))
+    def kv_bytes(self, cache: Sequence) -> int:
+        total = 0
+        for a in cache:
+            if isinstance(a, np.ndarray):
+                total += a.nbytes
+            else:  # OrtValue
+                total += int(np.prod(a.shape())) * np.dtype(self.kv_dtype).itemsize
+        return total
+
+    def bound_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                   cache: Sequence) -> tuple[np.ndarray, list]:
+        """Like ``step``, but the cache goes in and comes out as OrtValues that stay where ONNX Runtime put them."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.past_names, cache):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), list(outs[1:])
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -111,7 +140,8 @@ class OnnxDecoder:
         prev = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            logits, cache = self.step(ids, mask, positions, cache)
+            run = self.bound_step if self.io_binding else self.step
+            logits, cache = run(ids, mask, positions, cache)
             token = logits[:, -1, :].argmax(-1).astype(np.int64)
             if times is not None:
                 elapsed = time.perf_counter() - start
