@@ -62,7 +62,7 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     opts = ExportOptions(ratio=0.3, prune=PruneOptions(calibration=CalibrationSpec(num_samples=8)))
     result = export("smollm2-135m", tmp_path / "pkg", opts)
-    assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 1.5e-3
+    assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 2e-3
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pkg")
