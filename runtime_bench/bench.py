@@ -135,6 +135,10 @@ def _torch_worker(conn, source: str, provider: str, threads: int | None) -> None
     from .hardware import peak_rss_bytes
     from amp_edge.reference import model_from_package
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
