@@ -82,12 +82,14 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
 def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
           overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
     """Prune ``source`` with AMP (or a replayed plan) and save the compact model to ``out``."""
+    start = time.perf_counter()
     if out is not None:
         check_output(out, overwrite)
     loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code)
     if out is not None:
         save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite)
         result.out = str(out)
+    result.seconds = time.perf_counter() - start  # the whole job, saving included
     return result
 
 
