@@ -69,6 +69,14 @@ def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite:
     return Path(out)
 
 
+def is_pruned_checkpoint(source: str) -> bool:
+    """A local folder that amp-edge saved (it holds the plan)."""
+    from .sources import resolve
+
+    where = resolve(source)
+    return where["kind"] == "folder" and (Path(where["path"]) / PLAN_FILE).is_file()
+
+
 def is_per_layer(path: str | Path) -> bool:
     try:
         return PER_LAYER_KEY in json.loads((Path(path) / "config.json").read_text())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import is_pruned_checkpoint
 from .errors import PackageError
-from .plan import PLAN_FILE, PruningPlan
-from .sources import load_model, resolve
+from .plan import PruningPlan
+from .sources import load_model
 from .surgery import apply_plan
 
 
@@ -19,8 +20,6 @@ def model_from_package(package: str | Path):
     m = json.loads(manifest.read_text())
     source = m["source"]["argument"]
     model = load_model(source, dtype="float32").model
-    where = resolve(source)
-    already_pruned = where["kind"] == "folder" and (Path(where["path"]) / PLAN_FILE).is_file()
-    if m.get("plan") and not already_pruned:
+    if m.get("plan") and not is_pruned_checkpoint(source):
         apply_plan(model, PruningPlan.from_dict(m["plan"]))
     return model

@@ -13,18 +13,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amp_edge.checkpoint import atomic_dir, check_output
-from amp_edge.memory import release_memory
+from amp_edge.checkpoint import atomic_dir, check_output, is_pruned_checkpoint
 from amp_edge.errors import ExportError, ExportValidationError, InvalidOptionError
+from amp_edge.memory import release_memory
 from amp_edge.pipeline import PruneOptions, prune_in_memory
 from amp_edge.plan import PLAN_FILE, PruningPlan
-from amp_edge.sources import LoadedModel, load_model, resolve
+from amp_edge.sources import LoadedModel, load_model
 from amp_edge.surgery import count_parameters
 from amp_edge.versions import versions
-
-from .genai import genai_config
 from runtime_bench.generate import OnnxDecoder, session_options
 
+from .genai import genai_config
 from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, save_graph
 from .quantize import QuantSpec, quantize
 from .validate import compare, reference
@@ -97,13 +96,11 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
 
 def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan | None, int]:
     """The PyTorch model to export: a pruned checkpoint as saved, or ``source`` pruned here by ``opts.ratio``."""
-    where = resolve(source)
-    pruned_ckpt = where["kind"] == "folder" and (Path(where["path"]) / PLAN_FILE).is_file()
-    if pruned_ckpt:
+    if is_pruned_checkpoint(source):
         if opts.ratio:
             raise InvalidOptionError(f"{source} is already a pruned checkpoint; export it without --ratio (got {opts.ratio})")
         loaded = load_model(source, dtype="float32")
-        plan = PruningPlan.load(Path(where["path"]) / PLAN_FILE)
+        plan = PruningPlan.load(Path(loaded.source["path"]) / PLAN_FILE)
         return loaded, plan, plan.params.get("before", count_parameters(loaded.model))
     if opts.ratio is None and opts.plan is None:
         raise InvalidOptionError(

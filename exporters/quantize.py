@@ -11,6 +11,7 @@ from amp_edge.errors import InvalidOptionError
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 INT8_SCHEMES = ("weight-only", "dynamic")
+MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,6 @@ class QuantSpec:
         return d
 
 
-MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
-
-
 def matmul_names(graph: onnx.ModelProto) -> list[str]:
     """MatMul nodes that multiply by a constant weight (the ones weight-only quantization applies to)."""
     inits = {t.name for t in graph.graph.initializer}
@@ -73,12 +71,11 @@ def quantize(graph: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
         return to_fp16(graph)
     if spec.dtype == "int8" and spec.int8_scheme == "dynamic":
         return _dynamic_int8(graph)
-    names = matmul_names(graph)
     if spec.dtype == "int8":
         graph = _nbits(graph, spec, 8, exclude=[])
         half_embeddings(graph)
         return graph
-    kept = select(names, spec.keep_8bit) if spec.keep_8bit else []
+    kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
     graph = _nbits(graph, spec, 4, exclude=kept)
     if kept:
         graph = _nbits(graph, spec, 8, exclude=[n for n in matmul_names(graph) if n not in kept])

@@ -261,8 +261,9 @@ def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = Fals
     from .hardware import copy_bandwidth, cpu_name
 
     spec.check()
-    if PROVIDERS[spec.provider] not in available_providers():
-        raise BenchError(f"provider {spec.provider} is not available here (ONNX Runtime has: {', '.join(available_providers())}); "
+    available = available_providers()
+    if PROVIDERS[spec.provider] not in available:
+        raise BenchError(f"provider {spec.provider} is not available here (ONNX Runtime has: {', '.join(available)}); "
                          "install onnxruntime-gpu on a machine with a GPU")
     infos = {p: check_package(p) for p in packages}
     for p, info in infos.items():
@@ -278,7 +279,7 @@ def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = Fals
         bandwidth = copy_bandwidth()
         rows = {(n, pl): Row(n, str(p), kind, pl, info=infos[p]) for n, (_, p, kind) in workers.items() for pl in spec.prompt_lens}
         rng = np.random.default_rng(spec.seed)
-        vocab = min([info.get("vocab") or 32000 for info in infos.values()] + [32000])
+        vocab = min(info.get("vocab") or 32000 for info in infos.values())  # ids every package can embed
         total = len(spec.prompt_lens) * (spec.warmup + spec.repeat) * len(workers)
         done = 0
         for pl in spec.prompt_lens:
@@ -317,27 +318,29 @@ def _environment(spec: BenchSpec, bandwidth: float, cpu: str, ready: dict) -> di
             "warmup": spec.warmup, "workers": ready, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _bytes_read(row: Row, summary: dict, spec: BenchSpec) -> float | None:
+    """Weights read per decode token plus the KV cache at its mean length over the generation."""
+    if row.kind != "onnx":
+        return None
+    kv_mean = summary["kv_bytes_end"] * (row.prompt_len + spec.gen_len / 2) / (row.prompt_len + spec.gen_len)
+    return row.info.get("read_per_token", 0) + kv_mean
+
+
 def _report(rows: list[Row], env: dict, spec: BenchSpec, baseline: str) -> dict:
+    summaries = [r.summary() for r in rows]
+    reads = [_bytes_read(r, s, spec) for r, s in zip(rows, summaries)]
+    base = {r.prompt_len: (s, read) for r, s, read in zip(rows, summaries, reads) if r.name == baseline}
     out = []
-    base = {r.prompt_len: r.summary() for r in rows if r.name == baseline}
-    base_read = {}
-    for r in rows:
-        if r.name == baseline:
-            kv = base[r.prompt_len]["kv_bytes_end"] * (r.prompt_len + spec.gen_len / 2) / (r.prompt_len + spec.gen_len)
-            base_read[r.prompt_len] = r.info.get("read_per_token", 0) + kv
-    for r in rows:
-        s = r.summary()
-        kv_avg = s["kv_bytes_end"] * (r.prompt_len + spec.gen_len / 2) / (r.prompt_len + spec.gen_len)
-        read = r.info.get("read_per_token", 0) + kv_avg if r.kind == "onnx" else None
+    for r, s, read in zip(rows, summaries, reads):
         limit_ms = read / env["copy_bandwidth_bytes_per_s"] * 1e3 if read else None
-        b = base.get(r.prompt_len)
+        b, b_read = base.get(r.prompt_len, (None, None))
         out.append({
             "name": r.name, "path": r.path, "kind": r.kind, "prompt_len": r.prompt_len, **s,
             "dtype": r.info.get("dtype"), "params": r.info.get("params"), "package_bytes": r.info.get("package_bytes"),
             "bytes_read_per_token": read, "limit_ms": limit_ms,
             "x_of_limit": s["decode_ms_mean"] / limit_ms if limit_ms else None,
             "decode_speedup_vs_baseline": b["decode_ms_mean"] / s["decode_ms_mean"] if b else None,
-            "bytes_ratio_vs_baseline": base_read[r.prompt_len] / read if read and base_read.get(r.prompt_len) else None,
+            "bytes_ratio_vs_baseline": b_read / read if read and b_read else None,
             "prefill_speedup_vs_baseline": b["prefill_ms_mean"] / s["prefill_ms_mean"] if b else None,
             "samples": [asdict(run) for run in r.runs],
         })

@@ -46,7 +46,7 @@ class OnnxDecoder:
     """One inference session over a decoder graph with inputs input_ids/attention_mask/position_ids/past_*."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 options: ort.SessionOptions | None = None, io_binding: bool = True):
+                 options: ort.SessionOptions | None = None):
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
@@ -66,9 +66,7 @@ class OnnxDecoder:
         self.kv_heads = [inputs[n].shape[1] for n in self.past_names[::2]]
         self.head_dim = inputs[self.past_names[0]].shape[3] if self.past_names else 0
         self.kv_dtype = _NP_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
-        self.output_names = ["logits"] + self.present_names
         self.path = model
-        self.io_binding = io_binding
         # The KV cache stays in ONNX Runtime's memory (on the GPU with CUDA): each step's present tensors are
         # bound as the next step's past, never copied through numpy.
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -89,9 +87,10 @@ class OnnxDecoder:
                 total += int(np.prod(a.shape())) * np.dtype(self.kv_dtype).itemsize
         return total
 
-    def bound_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                   cache: Sequence) -> tuple[np.ndarray, list]:
-        """Like ``step``, but the cache goes in and comes out as OrtValues that stay where ONNX Runtime put them."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: Sequence) -> tuple[np.ndarray, list]:
+        """One forward pass. ``cache`` is numpy arrays or the OrtValues a previous step returned; the new cache
+        comes back as OrtValues that stay where ONNX Runtime put them (no copy through numpy)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -108,22 +107,12 @@ class OnnxDecoder:
         outs = binding.get_outputs()
         return outs[0].numpy(), list(outs[1:])
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if self.has_position_ids:
-            feeds["position_ids"] = position_ids.astype(np.int64)
-        feeds.update(zip(self.past_names, cache))
-        outs = self.session.run(self.output_names, feeds)
-        return outs[0], outs[1:]
-
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
                  eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
                  times: StepTimes | None = None) -> np.ndarray:
         """Greedy decoding; returns (batch, prompt + new) token ids. Left padding via ``attention_mask``."""
-        return np.concatenate([input_ids, np.stack(list(self.stream(
-            input_ids, max_new_tokens, attention_mask, eos_token_ids, on_token, times)), axis=1)], axis=1) \
-            if max_new_tokens > 0 else input_ids
+        new = list(self.stream(input_ids, max_new_tokens, attention_mask, eos_token_ids, on_token, times))
+        return np.concatenate([input_ids] + [t[:, None] for t in new], axis=1)
 
     def stream(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
                eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
@@ -140,8 +129,7 @@ class OnnxDecoder:
         prev = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            run = self.bound_step if self.io_binding else self.step
-            logits, cache = run(ids, mask, positions, cache)
+            logits, cache = self.step(ids, mask, positions, cache)
             token = logits[:, -1, :].argmax(-1).astype(np.int64)
             if times is not None:
                 elapsed = time.perf_counter() - start

@@ -33,7 +33,8 @@ def test_fp32_parity_per_layer_every_family(tmp_path, family):
     src = pruned(tmp_path, family, "global")
     result = export(str(src), tmp_path / "pkg", ExportOptions())
     parity = result.manifest["parity"]
-    assert parity["ok"] and parity["max_abs_diff"] <= 1e-3 == parity["bound"]["max_abs_diff"]
+    assert parity["bound"]["max_abs_diff"] == 1e-3  # tiny models' logits stay small: the plain 1e-3 applies
+    assert parity["ok"] and parity["max_abs_diff"] <= 1e-3
     assert all(s["greedy_equal"] for s in parity["shapes"]) and len(parity["shapes"]) == 2
     # each layer's KV inputs carry that layer's head count
     decoder = OnnxDecoder(tmp_path / "pkg")
@@ -91,8 +92,7 @@ def test_keep_8bit_and_bound_failure(tmp_path):
     assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
     with pytest.raises(ExportValidationError) as e:  # every shape's failure is listed, nothing is written
         export(str(dense), tmp_path / "strict", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=1.0))
-    if "single" in str(e.value) and "padded-batch" in str(e.value):
-        assert len(e.value.mismatches) == 2
+    assert len(e.value.mismatches) == 2 and "single" in str(e.value) and "padded-batch" in str(e.value)
     assert not (tmp_path / "strict").exists()
     with pytest.raises(InvalidOptionError, match="no MatMul: gate"):
         export(str(dense), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("gate",))))
