@@ -8,6 +8,7 @@ from .errors import AmpEdgeError
 from .perplexity import perplexity
 from .pipeline import PruneOptions, PruneResult, make_plan, prune
 from .plan import LayerPlan, PruningPlan
+from .recovery import RecoveryResult, RecoverySpec, recover
 from .scoring import criteria, score
 from .sources import DEFAULT_MODEL, load_model
 from .surgery import apply_plan, count_parameters
@@ -15,6 +16,7 @@ from .versions import __version__
 
 __all__ = [
     "AmpEdgeError", "CalibrationSpec", "DEFAULT_MODEL", "LayerPlan", "PruneOptions", "PruneResult", "PruningPlan",
+    "RecoveryResult", "RecoverySpec", "recover",
     "__version__", "allocate", "apply_plan", "calibration_batches", "count_parameters", "criteria", "get_adapter",
     "load_model", "load_pruned", "make_plan", "perplexity", "prune", "save_pruned", "score", "supported_model_types",
 ]

@@ -59,13 +59,16 @@ def _publish_permissions(folder: Path) -> None:
         f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
 
 
-def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite: bool = False) -> Path:
-    """safetensors + config (every shape explicit) + tokenizer + plan, written atomically."""
+def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite: bool = False,
+                extra: dict[str, dict] | None = None) -> Path:
+    """safetensors + config (every shape explicit) + tokenizer + plan (+ ``extra`` JSON files), written atomically."""
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
+        for name, data in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=1))
     return Path(out)
 
 

@@ -49,6 +49,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
         hf_logging.set_verbosity_error()
 
 
+_REC = "Recovery (after pruning)"
+
+
 @app.command()
 @_friendly
 def prune(
@@ -72,15 +75,42 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    recover: Optional[str] = typer.Option(None, help="Train the pruned model to recover: distill (from the dense model) | lora.", rich_help_panel=_REC),
+    recover_steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=_REC),
+    recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source).", rich_help_panel=_REC),
+    recover_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_REC),
+    recover_lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4 distill, 3e-4 lora).", rich_help_panel=_REC),
+    recover_batch_size: int = typer.Option(8, help="Sequences per step.", rich_help_panel=_REC),
+    recover_micro_batch: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation; default: up to 4).", rich_help_panel=_REC),
+    recover_seq_len: int = typer.Option(256, help="Tokens per sequence (documents packed, no padding).", rich_help_panel=_REC),
+    recover_warmup: Optional[int] = typer.Option(None, help="Linear warmup steps (default 5% of the steps).", rich_help_panel=_REC),
+    recover_schedule: str = typer.Option("cosine", help="Decay after warmup: cosine | linear.", rich_help_panel=_REC),
+    recover_clip: float = typer.Option(1.0, help="Gradient norm clip (0: none).", rich_help_panel=_REC),
+    recover_temperature: float = typer.Option(1.0, help="distill: softmax temperature.", rich_help_panel=_REC),
+    recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
+    recover_freeze_embeddings: bool = typer.Option(False, "--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", rich_help_panel=_REC),
+    lora_r: int = typer.Option(8, help="lora: rank.", rich_help_panel=_REC),
+    lora_alpha: float = typer.Option(16.0, help="lora: scale numerator (scale = alpha / r).", rich_help_panel=_REC),
+    lora_dropout: float = typer.Option(0.05, help="lora: dropout on the adapter input.", rich_help_panel=_REC),
+    recover_resume_dir: Optional[Path] = typer.Option(None, help="Keep resumable training state here (default: beside --out, removed after saving).", rich_help_panel=_REC),
+    recover_save_every: int = typer.Option(10, help="Save the training state every N steps.", rich_help_panel=_REC),
 ):
     """Score heads and neurons, remove the least important, save a compact checkpoint."""
     from .calibration import CalibrationSpec
     from .pipeline import PruneOptions
     from .pipeline import prune as run_prune
+    from .recovery import RecoverySpec
 
     spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
     opts = PruneOptions(ratio, criterion, allocation, gqa, min_keep, normalization, spec, seed)
-    result = run_prune(model, out, opts, plan_path=plan, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+    recovery = None if recover is None else RecoverySpec(
+        method=recover, steps=recover_steps, data=recover_data, field=recover_field, lr=recover_lr, batch_size=recover_batch_size,
+        micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed, warmup_steps=recover_warmup,
+        schedule=recover_schedule, max_grad_norm=recover_clip, temperature=recover_temperature, ce_weight=recover_ce_weight,
+        freeze_embeddings=recover_freeze_embeddings, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every)
+    result = run_prune(model, out, opts, plan_path=plan, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+                       recovery=recovery)
     if as_json:
         print(json.dumps(result.to_dict(), indent=1))
         return
@@ -96,6 +126,9 @@ def _print_summary(result) -> None:
     out.print(table)
     removed = 1 - result.params_after / result.params_before
     out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s")
+    if result.recovery:
+        r = result.recovery
+        out.print(f"recovered with {r['method']}: {r['steps']} steps on {r['data']}, loss {r['first_loss']:.4f} → {r['final_loss']:.4f} in {r['seconds']:.0f} s")
     if result.out:
         out.print(f"saved to {result.out}" + (" (per-layer sizes: load with amp_edge.load_pruned)" if result.per_layer else ""))
 
@@ -124,6 +157,43 @@ def ppl(
         out.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens (window {result.window}, stride {result.stride})")
 
 
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model source, pruned checkpoint or exported ONNX package."),
+    tasks: str = typer.Option("wikitext2,piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa",
+                              help="Comma-separated tasks."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N documents of each zero-shot task."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the task files (default $AMP_EDGE_DATA_DIR or ../shared/data)."),
+    batch_size: int = typer.Option(8, help="Requests per forward pass."),
+    window: int = typer.Option(1024, help="WikiText-2: tokens each forward pass sees."),
+    stride: Optional[int] = typer.Option(None, help="WikiText-2: tokens scored per window (default: window)."),
+    max_tokens: Optional[int] = typer.Option(None, help="WikiText-2: score only the first N tokens of test.txt."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
+    dtype: str = typer.Option("float32", help="PyTorch sources: float32 | float16 | bfloat16."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json and eval.md."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Zero-shot accuracy (lm-evaluation-harness) and WikiText-2 perplexity of a model, checkpoint or ONNX package."""
+    from .checkpoint import check_output
+    from .evaluation.report import markdown, write
+    from .evaluation.run import EvalSpec, evaluate
+
+    spec = EvalSpec(tasks, limit, data_dir, batch_size, window, stride, max_tokens, threads)
+    spec.check()
+    if out is not None:
+        check_output(out, overwrite)
+    report = evaluate(model, spec, dtype=dtype)
+    if out is not None:
+        write(report, out, overwrite=True)
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        out_console = markdown(report)
+        _console_print(out_console + (f"written to {out}\n" if out else ""))
+
+
 @app.command("export")
 @_friendly
 def export_cmd(
@@ -140,6 +210,7 @@ def export_cmd(
     external_data: bool = typer.Option(True, "--external-data/--single-file", help="Weights in model.onnx.data (default; less memory) or in model.onnx when under 2 GB."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ONNX Runtime against PyTorch (default on)."),
     min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55)."),
+    max_abs_diff: Optional[float] = typer.Option(None, help="fp32: max |Δlogits| allowed (default max(1e-3, 4e-5 x max |logit|))."),
     criterion: str = typer.Option("amp", help="Pruning criterion when --ratio > 0."),
     allocation: str = typer.Option("uniform", help="uniform | global, when --ratio > 0."),
     gqa: str = typer.Option("query", help="query | group, when --ratio > 0."),
@@ -164,7 +235,7 @@ def export_cmd(
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, optimize),
         quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme),
-        validate=validate, min_top1=min_top1, external_data=external_data, trust_remote_code=trust_remote_code,
+        validate=validate, min_top1=min_top1, max_abs_diff=max_abs_diff, external_data=external_data, trust_remote_code=trust_remote_code,
     )
     result = export(model, out, opts, overwrite=overwrite)
     if as_json:
@@ -190,8 +261,8 @@ def _print_export(result) -> None:
 @app.command()
 @_friendly
 def bench(
-    packages: list[str] = typer.Argument(..., help="Package folders; the first is the baseline for ratios."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.json, bench.md and bench.png."),
+    packages: Optional[list[str]] = typer.Argument(None, help="Package folders; the first is the baseline for ratios."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for bench.json, bench.md and bench.png (required to run a bench)."),
     provider: str = typer.Option("cpu", help="cpu | cuda (needs onnxruntime-gpu and a GPU)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: ONNX Runtime's choice)."),
     prompt_len: str = typer.Option("128,512", help="Prompt lengths, comma-separated."),
@@ -201,31 +272,48 @@ def bench(
     warmup: int = typer.Option(2, help="Unmeasured runs first."),
     torch_ref: bool = typer.Option(False, "--torch", help="Add the PyTorch eager model (rebuilt from the first package's manifest)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    compare_json: Optional[list[Path]] = typer.Option(None, "--compare-json", help="Another bench.json (e.g. from a device) to put side by side; repeatable."),
+    baseline_json: Optional[Path] = typer.Option(None, "--baseline-json", help="Compare this existing bench.json instead of running (no packages)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
-    """Latency and memory of packages under ONNX Runtime, side by side."""
+    """Latency and memory of packages under ONNX Runtime, side by side (and with other machines' bench.json)."""
     from rich.progress import Progress
 
     from runtime_bench.bench import BenchError, BenchSpec, run_bench
+    from runtime_bench.compare import compare, load_report
     from runtime_bench.report import markdown, write
 
     from .checkpoint import atomic_dir, check_output
     from .errors import InvalidOptionError
 
+    if bool(packages) == bool(baseline_json):
+        raise InvalidOptionError("give package folders to run a bench, or --baseline-json FILE to compare without running (not both)")
+    if baseline_json and not compare_json:
+        raise InvalidOptionError("--baseline-json needs at least one --compare-json FILE to compare with")
+    if packages and out is None:
+        raise InvalidOptionError("--out is required to run a bench")
     try:
         lens = tuple(int(x) for x in prompt_len.split(",") if x.strip())
     except ValueError:
         raise InvalidOptionError(f"--prompt-len must be integers separated by commas, got {prompt_len!r}") from None
-    check_output(out, overwrite)
+    if out is not None:
+        check_output(out, overwrite)
     spec = BenchSpec(provider, threads, lens, gen_len, batch, repeat, warmup)
     try:
-        with Progress(console=err, transient=True) as bar:
-            task = bar.add_task("benchmarking", total=None)
-            report = run_bench(packages, spec, torch_ref, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        others = [(str(f), load_report(f)) for f in compare_json or []]  # bad files fail before the bench runs
+        if baseline_json:
+            report = load_report(baseline_json)
+        else:
+            with Progress(console=err, transient=True) as bar:
+                task = bar.add_task("benchmarking", total=None)
+                report = run_bench(packages, spec, torch_ref, progress=lambda d, t: bar.update(task, completed=d, total=t))
     except BenchError as e:
         raise InvalidOptionError(str(e)) from None
-    with atomic_dir(out, overwrite) as tmp:
-        write(report, tmp)
+    if others:
+        report["comparisons"] = [compare(report, other, label) for label, other in others]
+    if out is not None:
+        with atomic_dir(out, overwrite) as tmp:
+            write(report, tmp)
     if as_json:
         print(json.dumps(report, indent=1))
     else:

@@ -35,6 +35,10 @@ class PlanError(AmpEdgeError):
     """A pruning plan that is malformed or does not match the model."""
 
 
+class RecoveryError(AmpEdgeError):
+    """Recovery data that is missing or empty, or a resume folder that holds another run's state."""
+
+
 class OutputExistsError(AmpEdgeError):
     """An output folder that exists and --overwrite was not given."""
 

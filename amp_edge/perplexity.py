@@ -39,10 +39,11 @@ def read_eval_text(path: str | Path) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | None = None,
-               max_tokens: int | None = None) -> PerplexityResult:
+               max_tokens: int | None = None, forward=None) -> PerplexityResult:
     """Each window sees up to ``window`` tokens and scores only the ``stride`` new ones past the previous window.
 
     stride == window gives disjoint windows; a smaller stride gives every scored token more context.
+    ``forward(ids (1, T)) -> logits (1, T, vocab)`` replaces the PyTorch model (e.g. an ONNX package's graph).
     """
     stride = stride or window
     if window < 2 or not 0 < stride <= window:
@@ -52,13 +53,15 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise DataError("text has fewer than 2 tokens")
-    device = next(model.parameters()).device
+    if forward is None:
+        device = next(model.parameters()).device
+        forward = lambda chunk: model(input_ids=chunk.to(device), use_cache=False).logits  # noqa: E731
     nll_sum, scored, prev_end = 0.0, 0, 0
     for begin in tqdm(range(0, ids.numel() - 1, stride), desc="perplexity", unit="window", leave=False):
         end = min(begin + window, ids.numel())
         new = end - max(prev_end, begin + 1)  # tokens not scored before; the first token has no context
-        chunk = ids[begin:end].unsqueeze(0).to(device)
-        logits = model(input_ids=chunk, use_cache=False).logits[0, -new - 1 : -1].float()
+        chunk = ids[begin:end].unsqueeze(0)
+        logits = forward(chunk)[0, -new - 1 : -1].float().cpu()
         nll_sum += torch.nn.functional.cross_entropy(logits, chunk[0, -new:], reduction="sum").item()
         scored += new
         prev_end = end

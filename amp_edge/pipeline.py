@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .adapters import get_adapter, supported_model_types
 from .allocation import check_options, allocate
 from .calibration import CalibrationSpec, calibration_batches
 from .checkpoint import check_output, save_pruned
-from .errors import UnsupportedArchitectureError
+from .errors import InvalidOptionError, UnsupportedArchitectureError
+from .memory import release_memory
 from .plan import PruningPlan
+from .recovery import RECOVERY_FILE, RecoverySpec, recover
+from .recovery_data import recovery_rows, recovery_texts
 from .scoring import criteria, needs_calibration, score
 from .sources import LoadedModel, load_model, resolve
 from .surgery import apply_plan, count_parameters, needs_load_pruned
@@ -52,6 +57,7 @@ class PruneResult:
     seconds: float
     out: str | None = None
     per_layer: bool = False  # True: the config carries per-layer sizes, load with amp_edge.load_pruned
+    recovery: dict | None = None  # what recovery training ran (RecoveryResult.to_dict()), if any
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +66,7 @@ class PruneResult:
             "params_before": self.params_before, "params_after": self.params_after,
             "params_removed_fraction": 1 - self.params_after / self.params_before,
             "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
+            **({"recovery": self.recovery} if self.recovery else {}),
         }
 
 
@@ -80,26 +87,44 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
 
 
 def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
-          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
-    """Prune ``source`` with AMP (or a replayed plan) and save the compact model to ``out``."""
+          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+          recovery: RecoverySpec | None = None) -> PruneResult:
+    """Prune ``source`` with AMP (or a replayed plan), optionally recover, and save the compact model to ``out``.
+
+    With recovery and no ``recovery.resume_dir``, the training state goes to ``.<out>.recover-state`` beside
+    ``out``: rerunning the same command after an interruption resumes there; it is removed once ``out`` is saved.
+    """
     start = time.perf_counter()
     if out is not None:
         check_output(out, overwrite)
-    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code)
+    state_dir = None
+    if recovery is not None and recovery.resume_dir is None and out is not None:
+        state_dir = Path(out).expanduser().parent / f".{Path(out).name}.recover-state"
+        recovery = replace(recovery, resume_dir=str(state_dir), restart_on_mismatch=True)
+    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery)
     if out is not None:
-        save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite)
+        extra = {RECOVERY_FILE: result.recovery} if result.recovery else None
+        save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite, extra=extra)
         result.out = str(out)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
     result.seconds = time.perf_counter() - start  # the whole job, saving included
     return result
 
 
 def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | None = None, dtype: str = "float32",
-                    trust_remote_code: bool = False) -> tuple[LoadedModel, PruneResult]:
-    """Load ``source`` and prune it in memory; returns the pruned model and what was done."""
+                    trust_remote_code: bool = False, recovery: RecoverySpec | None = None) -> tuple[LoadedModel, PruneResult]:
+    """Load ``source`` and prune it in memory (then recover, if asked); returns the pruned model and what was done.
+
+    Recovery data defaults to the calibration source; ``self`` samples are written by the dense model.
+    """
     start = time.perf_counter()
     plan = PruningPlan.load(plan_path) if plan_path else None
     if plan is None:
         opts.check()
+    if recovery is not None and recovery.data is None:
+        recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
+    texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
     _precheck_architecture(source)
     loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = get_adapter(loaded.model)
@@ -108,13 +133,33 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         plan = make_plan(loaded, opts)
     plan.source = {k: v for k, v in loaded.source.items()}
     plan.versions = versions()
+    teacher, rows = None, None
+    if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
+        rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
+                             loaded.model, recovery.self_samples, recovery.batch_size)
+        teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, plan)
     params_after = count_parameters(loaded.model)
     plan.params = {"before": params_before, "after": params_after}
     result = PruneResult(plan, _layer_summary(before_shapes, adapter), params_before, params_after,
                          time.perf_counter() - start, None, needs_load_pruned(loaded.model.config))
+    if recovery is not None:
+        result.recovery = recover(loaded.model, teacher, loaded.tokenizer, recovery, data=rows).to_dict()
+        del teacher
+        release_memory()
+        result.seconds = time.perf_counter() - start
     return loaded, result
+
+
+def _check_recovery(recovery: RecoverySpec | None, dtype: str) -> list[str] | None:
+    """Check the recovery options and read its data (None for self-generated); raises on bad input."""
+    if recovery is None:
+        return None
+    recovery.check()
+    if dtype != "float32":
+        raise InvalidOptionError(f"recovery trains in float32; got --dtype {dtype}")
+    return recovery_texts(recovery.source, recovery.field)
 
 
 def _layer_summary(before, adapter) -> list[dict]:

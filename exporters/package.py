@@ -43,6 +43,7 @@ class ExportOptions:
     quant: QuantSpec = field(default_factory=QuantSpec)
     validate: bool = True
     min_top1: float | None = None  # override the dtype's documented top-1 agreement bound
+    max_abs_diff: float | None = None  # fp32: override the documented max |Δlogits| bound
     external_data: bool = True  # False: one file, when it fits protobuf's 2 GB limit
     trust_remote_code: bool = False
 
@@ -54,6 +55,8 @@ class ExportOptions:
         self.quant.check(self.graph.opset)
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
             raise InvalidOptionError(f"--min-top1 must be in [0, 1], got {self.min_top1}")
+        if self.max_abs_diff is not None and not self.max_abs_diff > 0:
+            raise InvalidOptionError(f"--max-abs-diff must be > 0, got {self.max_abs_diff}")
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise InvalidOptionError(f"ratio must be in [0, 1) (0 exports the dense model), got {self.ratio}")
 
@@ -129,7 +132,7 @@ def _validate(refs, folder: Path, opts: ExportOptions):
     # Prepacked MatMul weights are a second copy of every weight: worth it for serving, not for a parity check
     options.add_session_config_entry("session.disable_prepacking", "1")
     decoder = OnnxDecoder(folder, options=options)
-    parity = compare(decoder, refs, opts.quant.dtype, opts.min_top1)
+    parity = compare(decoder, refs, opts.quant.dtype, opts.min_top1, opts.max_abs_diff)
     del decoder
     release_memory()
     if not parity.ok:

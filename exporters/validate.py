@@ -44,6 +44,7 @@ class ShapeResult:
 class Parity:
     dtype: str
     min_top1: float | None = None
+    max_abs: float | None = None  # fp32: a fixed bound instead of max(1e-3, 4e-5 x max |logit|)
     shapes: list[ShapeResult] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
 
@@ -53,8 +54,9 @@ class Parity:
 
     def to_dict(self) -> dict:
         worst = lambda key, fn: fn(getattr(s, key) for s in self.shapes) if self.shapes else None  # noqa: E731
-        bound = {"max_abs_diff": max(fp32_bound(s.logit_absmax) for s in self.shapes) if self.shapes else FP32_MAX_ABS,
-                 "rule": "max(1e-3, 4e-5 * max|logit|)", "greedy_steps": GREEDY_STEPS} if self.dtype == "fp32" else \
+        bound = {"max_abs_diff": max(fp32_bound(s.logit_absmax, self.max_abs) for s in self.shapes) if self.shapes else FP32_MAX_ABS,
+                 "rule": "max(1e-3, 4e-5 * max|logit|)" if self.max_abs is None else "--max-abs-diff",
+                 "greedy_steps": GREEDY_STEPS} if self.dtype == "fp32" else \
             {"min_top1_agreement": self.min_top1}
         return {"dtype": self.dtype, "ok": self.ok, "bound": bound,
                 "max_abs_diff": worst("max_abs_diff", max), "rel_diff": worst("rel_diff", max),
@@ -128,8 +130,9 @@ def _torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> tuple
     return torch.cat(tokens, 1).numpy(), torch.cat(logits, 1).numpy()
 
 
-def compare(decoder: OnnxDecoder, refs: list[Reference], dtype: str, min_top1: float | None = None) -> Parity:
-    parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]))
+def compare(decoder: OnnxDecoder, refs: list[Reference], dtype: str, min_top1: float | None = None,
+            max_abs: float | None = None) -> Parity:
+    parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]), max_abs)
     for ref in refs:
         result = _teacher_forced(decoder, ref)
         if dtype == "fp32":
@@ -141,7 +144,7 @@ def compare(decoder: OnnxDecoder, refs: list[Reference], dtype: str, min_top1: f
                 col = np.nonzero((onnx_tokens != ref.continuation[:, :onnx_tokens.shape[1]]).any(0))[0]
                 result.greedy_first_mismatch = int(col[0]) if len(col) else onnx_tokens.shape[1]
         parity.shapes.append(result)
-        parity.mismatches += _judge(result, dtype, parity.min_top1)
+        parity.mismatches += _judge(result, dtype, parity.min_top1, max_abs)
     return parity
 
 
@@ -172,16 +175,16 @@ def _teacher_forced(decoder: OnnxDecoder, ref: Reference) -> ShapeResult:
                        float(np.abs(expected[valid]).max()))
 
 
-def fp32_bound(logit_absmax: float) -> float:
-    return max(FP32_MAX_ABS, FP32_REL * logit_absmax)
+def fp32_bound(logit_absmax: float, override: float | None = None) -> float:
+    return override if override is not None else max(FP32_MAX_ABS, FP32_REL * logit_absmax)
 
 
-def _judge(r: ShapeResult, dtype: str, min_top1: float | None) -> list[str]:
+def _judge(r: ShapeResult, dtype: str, min_top1: float | None, max_abs: float | None = None) -> list[str]:
     out = []
     if not np.isfinite(r.max_abs_diff):
         return [f"{r.name}: non-finite logits ({dtype})"]
     if dtype == "fp32":
-        bound = fp32_bound(r.logit_absmax)
+        bound = fp32_bound(r.logit_absmax, max_abs)
         if r.max_abs_diff > bound:
             out.append(f"{r.name}: max |Δlogits| {r.max_abs_diff:.2e} > {bound:.2e} (max |logit| {r.logit_absmax:.1f})")
         if not r.greedy_equal:

@@ -94,8 +94,10 @@ def check_package(path: str | Path) -> dict:
         m = json.loads(manifest.read_text())
         info.update(dtype=m.get("quantization", {}).get("dtype"), params=m.get("params", {}).get("after"),
                     pruned=m.get("pruned"), onnx_bytes=m.get("onnx_bytes"))
-    from .graph_bytes import weight_bytes_per_token
-
+    try:
+        from .graph_bytes import weight_bytes_per_token
+    except ImportError:  # a device with only onnxruntime: no bytes-read limit (reading the graph needs the onnx package)
+        return info
     try:
         info.update(weight_bytes_per_token(model))
     except Exception as e:  # onnx raises DecodeError and friends for corrupt files
@@ -181,11 +183,15 @@ class Worker:
     re-import the CLI and with it torch): it imports only what its kind needs, so its peak RSS is the session's."""
 
     def __init__(self, kind: str, arg: str, spec: BenchSpec):
+        import os
         import subprocess
         import sys
 
+        # the folder holding runtime_bench/, so a copy of it on a device works from any working directory
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen([sys.executable, "-m", "runtime_bench.bench", kind, arg, spec.provider, str(spec.threads or 0)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         kind, payload = self._recv()
         if kind == "error":
             self.close()
@@ -320,10 +326,10 @@ def _environment(spec: BenchSpec, bandwidth: float, cpu: str, ready: dict) -> di
 
 def _bytes_read(row: Row, summary: dict, spec: BenchSpec) -> float | None:
     """Weights read per decode token plus the KV cache at its mean length over the generation."""
-    if row.kind != "onnx":
+    if row.kind != "onnx" or "read_per_token" not in row.info:
         return None
     kv_mean = summary["kv_bytes_end"] * (row.prompt_len + spec.gen_len / 2) / (row.prompt_len + spec.gen_len)
-    return row.info.get("read_per_token", 0) + kv_mean
+    return row.info["read_per_token"] + kv_mean
 
 
 def _report(rows: list[Row], env: dict, spec: BenchSpec, baseline: str) -> dict:

@@ -50,27 +50,35 @@ def test_amp_beats_random_and_magnitude_on_smollm2():
     assert ppl["amp"] < ppl["random"] / 10 and ppl["amp"] < ppl["magnitude"] / 10, ppl
 
 
-def test_smollm2_pruned_package_runs_in_all_three_runtimes(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_pkg30(tmp_path_factory):
+    """The 30% AMP package of SmolLM2-135M, fp32, exported once for the tests below."""
+    from exporters import ExportOptions, export
+    from amp_edge.pipeline import PruneOptions
+
+    pkg = tmp_path_factory.mktemp("smollm2") / "pkg30"
+    opts = ExportOptions(ratio=0.3, prune=PruneOptions(calibration=CalibrationSpec(num_samples=8)))
+    return pkg, export("smollm2-135m", pkg, opts)
+
+
+def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
     import numpy as np
     import torch
 
-    from exporters import ExportOptions, export
     from exporters.optimum_model import PrunedORTModelForCausalLM
-    from amp_edge.pipeline import PruneOptions
     from runtime_bench.generate import OnnxDecoder
 
     og = pytest.importorskip("onnxruntime_genai")
-    opts = ExportOptions(ratio=0.3, prune=PruneOptions(calibration=CalibrationSpec(num_samples=8)))
-    result = export("smollm2-135m", tmp_path / "pkg", opts)
+    pkg, result = smollm2_pkg30
     assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 2e-3
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pkg")
+    tokenizer = AutoTokenizer.from_pretrained(pkg)
     ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
-    ours = OnnxDecoder(tmp_path / "pkg").generate(ids, 16)[0].tolist()
-    opt = PrunedORTModelForCausalLM.from_pretrained(tmp_path / "pkg", use_cache=True, use_io_binding=False)
+    ours = OnnxDecoder(pkg).generate(ids, 16)[0].tolist()
+    opt = PrunedORTModelForCausalLM.from_pretrained(pkg, use_cache=True, use_io_binding=False)
     got_optimum = opt.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, min_new_tokens=16)[0].tolist()
-    model = og.Model(str(tmp_path / "pkg"))
+    model = og.Model(str(pkg))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=ids.shape[1] + 16, min_length=ids.shape[1] + 16, do_sample=False)
     gen = og.Generator(model, params)
@@ -78,3 +86,51 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(tmp_path):
     while not gen.is_done():
         gen.generate_next_token()
     assert got_optimum == ours and gen.get_sequence(0).tolist() == ours
+
+
+def test_phi_chat_example_on_smollm2_gives_pytorch_tokens(smollm2_pkg30):
+    """examples/phi_chat/chat.py on the real pruned package: the chat template rendered as transformers renders it,
+    and the same greedy tokens as the PyTorch model (the source with the package's plan replayed)."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from amp_edge.reference import model_from_package
+
+    pkg, _ = smollm2_pkg30
+    chat = Path(__file__).resolve().parents[1] / "examples" / "phi_chat" / "chat.py"
+    question = "What is the capital of France?"
+    r = subprocess.run([sys.executable, str(chat), str(pkg), "--prompt", question, "--max-new-tokens", "24", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    messages = [{"role": "user", "content": question}]
+    ids = AutoTokenizer.from_pretrained(pkg).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert got["prompt_ids"] == ids
+    with torch.no_grad():
+        want = model_from_package(pkg).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    assert got["new_ids"] == want.tolist() and got["text"].strip()
+
+
+@needs_data
+def test_eval_of_smollm2_package_equals_its_pytorch_source(smollm2_pkg30):
+    """amp-edge eval on the real pruned package: the same accuracies and perplexity as lm-eval's HF model on the
+    PyTorch source (the dense model with the package's plan replayed)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from amp_edge.evaluation.run import EvalSpec, _zero_shot, evaluate
+    from amp_edge.reference import model_from_package
+
+    pkg, _ = smollm2_pkg30
+    spec = EvalSpec(tasks=["wikitext2", "arc_easy", "winogrande"], limit=8, max_tokens=2048, window=512)
+    onnx_report = evaluate(str(pkg), spec)
+    model = model_from_package(pkg)
+    tokenizer = AutoTokenizer.from_pretrained(pkg)
+    torch_tasks = _zero_shot(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu"), ["arc_easy", "winogrande"], spec)
+    for task in ("arc_easy", "winogrande"):
+        assert onnx_report["tasks"][task]["acc"] == torch_tasks[task]["acc"] and onnx_report["tasks"][task]["n"] == 8
+    want = perplexity(model, tokenizer, (DATA / "wikitext2" / "test.txt").read_text(), window=512, max_tokens=2048).perplexity
+    assert onnx_report["tasks"]["wikitext2"]["perplexity"] == pytest.approx(want, rel=1e-4)

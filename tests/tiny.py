@@ -63,3 +63,21 @@ def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
 
 def sample_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# A chat template the character tokenizer can encode; it uses a special-token variable, as real templates do.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def set_chat_template(folder: Path, inline: bool = False) -> Path:
+    """chat_template.jinja (how transformers 4.57 saves it), or ``inline`` in tokenizer_config.json (older saves)."""
+    import json
+
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if inline:
+        jinja.unlink(missing_ok=True)
+        config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}, indent=1))
+    else:
+        jinja.write_text(CHAT_TEMPLATE)
+    return folder

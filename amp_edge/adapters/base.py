@@ -179,6 +179,12 @@ class Adapter:
         """(num_heads * head_dim, hidden) rows of the query projection."""
         return getattr(self.attention(i), self.q_name).weight
 
+    def projections(self, i: int) -> list[nn.Linear]:
+        """Every linear projection of layer i: attention in/out and MLP in/out (the modules LoRA adapts)."""
+        attn, mlp = self.attention(i), self.mlp(i)
+        return ([getattr(attn, n) for n in (self.q_name, *self.kv_names, self.o_name)]
+                + [getattr(mlp, n) for n in (*self.mlp_in_names, self.mlp_out_name)])
+
     def mlp_in_weights(self, i: int) -> list[torch.Tensor]:
         """Each (intermediate, hidden) matrix whose row j feeds neuron j."""
         return [getattr(self.mlp(i), n).weight for n in self.mlp_in_names]

@@ -19,6 +19,10 @@ class Phi3Adapter(Adapter):
     def query_weight(self, i):
         return self.attention(i).qkv_proj.weight[: self.o_proj(i).in_features]
 
+    def projections(self, i):
+        attn, mlp = self.attention(i), self.mlp(i)
+        return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
     def mlp_in_weights(self, i):
         gate, up = self.mlp(i).gate_up_proj.weight.chunk(2, dim=0)
         return [gate, up]

@@ -1,0 +1,163 @@
+"""The paper-style table: criterion x ratio x allocation x (no recovery, recovery) -> WikiText-2 perplexity,
+zero-shot accuracy on every task and the averages, parameters, and decode ms/token.
+
+Every model goes through the product's own commands: `amp-edge prune` (with `--recover ...` for the recovery
+rows), `amp-edge export` (fp32, validated against PyTorch), `amp-edge eval` on the exported package (its scores
+equal its PyTorch source's, see tests/test_eval.py, and it runs faster than lm-eval's HF model on CPU), and one
+interleaved `amp-edge bench` of every package at the end. Finished steps are kept under --work, so an interrupted
+run resumes where it stopped.
+
+    python examples/eval_comparison.py --model smollm2-135m --criteria amp,random,magnitude,wanda-sp \
+        --ratios 0.2,0.3 --allocations uniform,global --recover "--recover distill --recover-steps 300" \
+        --limit 200 --max-tokens 32768 --work out/eval_work --out results/eval_smollm2_135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA_DIR = Path(os.environ.get("AMP_EDGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"]
+PAPER5 = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
+
+
+def amp(*args: str, log: Path) -> None:
+    """One amp-edge command; its output goes to ``log``, a failure stops the table with that log's tail."""
+    cmd = [str(Path(sys.executable).with_name("amp-edge")), *args]
+    print("$", shlex.join(["amp-edge", *args]), flush=True)
+    with open(log, "a") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.exit(f"failed ({code}): {' '.join(args[:2])}; see {log}:\n" + "".join(open(log).readlines()[-5:]))
+
+
+def build(row: dict, args, work: Path) -> Path:
+    """prune (+ recovery) -> export; returns the package folder (reused when it is already there)."""
+    name = row["name"]
+    pkg = work / f"{name}-pkg"
+    if (pkg / "amp_edge.json").is_file():
+        return pkg
+    log = work / f"{name}.log"
+    if row["criterion"] == "dense":
+        amp("export", args.model, "--ratio", "0", "--out", str(pkg), "--overwrite", log=log)
+        return pkg
+    ckpt = work / f"{name}-ckpt"
+    if not (ckpt / "amp_edge_plan.json").is_file():
+        t0 = time.perf_counter()
+        cmd = ["prune", args.model, "--ratio", str(row["ratio"]), "--criterion", row["criterion"], "--allocation",
+               row["allocation"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
+        amp(*cmd, *(shlex.split(args.recover) if row["recovery"] else []), log=log)
+        (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
+    amp("export", str(ckpt), "--out", str(pkg), "--overwrite", *shlex.split(args.export_args), log=log)
+    return pkg
+
+
+def evaluate(row: dict, pkg: Path, args, work: Path) -> dict:
+    out = work / f"{row['name']}-eval"
+    if not (out / "eval.json").is_file():
+        amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *TASKS]), "--limit", str(args.limit), "--max-tokens",
+            str(args.max_tokens), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
+    return json.loads((out / "eval.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--criteria", default="amp,random,magnitude,wanda-sp")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3")
+    ap.add_argument("--allocations", default="uniform")
+    ap.add_argument("--recover", default="", help='prune options of the recovery rows, e.g. "--recover distill --recover-steps 300"; empty: no recovery rows')
+    ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
+    ap.add_argument("--recover-criteria", default="amp", help="criteria that also get a recovery row")
+    ap.add_argument("--calib", default=str(DATA_DIR / "calibration" / "c4_demo.jsonl"))
+    ap.add_argument("--data-dir", default=str(DATA_DIR))
+    ap.add_argument("--limit", type=int, default=200, help="documents per zero-shot task (first N of the validation split)")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (window 1024, disjoint)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bench-prompt", default="128")
+    ap.add_argument("--bench-repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="out/eval_work")
+    ap.add_argument("--out", default="results/eval_comparison")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    rows = [{"name": "dense", "criterion": "dense", "ratio": 0.0, "allocation": "-", "recovery": False}]
+    for criterion in args.criteria.split(","):
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for allocation in args.allocations.split(","):
+                recoveries = [False] + ([True] if args.recover and criterion in args.recover_criteria.split(",") else [])
+                for rec in recoveries:
+                    name = f"{criterion}-{ratio:g}-{allocation}" + ("-rec" if rec else "")
+                    rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": rec})
+
+    start = time.perf_counter()
+    for row in rows:
+        pkg = build(row, args, work)
+        report = evaluate(row, pkg, args, work)
+        manifest = json.loads((pkg / "amp_edge.json").read_text())
+        row.update(package=str(pkg), params=manifest["params"]["after"], eval=report)
+        seconds = work / f"{row['name']}.prune_seconds"
+        row["prune_seconds"] = float(seconds.read_text()) if seconds.is_file() else None
+        print(json.dumps({k: row[k] for k in ("name", "params")} | {"ppl": report["tasks"]["wikitext2"]["perplexity"],
+                          "paper5": report["average"]["paper5_acc"]}), flush=True)
+
+    bench_dir = work / "bench"
+    if not (bench_dir / "bench.json").is_file():
+        amp("bench", *(r["package"] for r in rows), "--threads", str(args.threads), "--prompt-len", args.bench_prompt,
+            "--repeat", str(args.bench_repeat), "--gen-len", "64", "--out", str(bench_dir), "--overwrite", log=work / "bench.log")
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    decode = {b["path"]: b["decode_ms_mean"] for b in bench["rows"] if b["kind"] == "onnx"}
+    for row in rows:
+        row["decode_ms"] = decode.get(row["package"])
+
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    command = "python examples/eval_comparison.py " + shlex.join(sys.argv[1:])
+    (tmp / "eval_comparison.json").write_text(json.dumps({"command": command, "rows": rows, "bench_environment": bench["environment"],
+                                                           "seconds": time.perf_counter() - start}, indent=1))
+    (tmp / "eval_comparison.md").write_text(table(rows, args, command, bench["environment"]))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print((out / "eval_comparison.md").read_text())
+
+
+def table(rows: list[dict], args, command: str, env: dict) -> str:
+    head = ["criterion", "ratio", "alloc", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok"]
+    lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
+             f"Command: `{command}`", "",
+             f"Validation splits, first {args.limit} documents of each task (lm-evaluation-harness prompts, acc); "
+             f"WikiText-2 test perplexity over the first {args.max_tokens} tokens (window 1024, disjoint windows); scores "
+             f"of the exported fp32 ONNX package. avg5 = PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c (the paper's average); "
+             f"avg7 = all seven tasks. Decode: fp32, prompt {args.bench_prompt}, 64 new tokens, {args.threads} threads, "
+             f"{env.get('cpu', '')}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r["eval"]["tasks"]
+        avg = r["eval"]["average"]
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], "yes" if r["recovery"] else "no", f"{r['params']:,}",
+                 f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
+                 f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
+                 f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = args.limit
+    lines += ["", f"Standard error of one task's accuracy at n={n}: about {100 * (0.25 / n) ** 0.5:.1f} points (p=0.5); "
+              f"per-task stderr values are in eval_comparison.json."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

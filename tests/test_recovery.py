@@ -1,0 +1,287 @@
+"""Recovery after pruning: distillation moves the pruned model towards the dense one, LoRA lowers the
+loss and is merged away, runs are reproducible and resumable, the CLI refuses bad input in one line."""
+
+import copy
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
+from amp_edge.cli import app
+from amp_edge.errors import InvalidOptionError, RecoveryError
+from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover
+from amp_edge.recovery_data import pack, read_recovery_file
+from amp_edge.recovery_state import STATE_FILE
+
+from .tiny import char_tokenizer, save_tiny, tiny_model
+
+TEXTS = [f"Note {i}: the quick brown fox jumps over the lazy dog, and the cat sat on mat {i % 7}. " * 2 for i in range(60)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core box makes them slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return pack(TEXTS, char_tokenizer(), 32, seed=0)
+
+
+def _pruned(family, allocation="uniform"):
+    dense = tiny_model(family)
+    student = copy.deepcopy(dense)
+    adapter = get_adapter(student)
+    apply_plan(student, allocate(adapter, score("magnitude", adapter), 0.3, allocation, "query", min_keep=0.25))
+    return dense, student
+
+
+def _spec(method, **kw):
+    base = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, seed=0)
+    return RecoverySpec(method, **{**base, **kw})
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family,allocation", [("llama", "uniform"), ("phi3-gqa", "global"), ("phi", "global")])
+def test_distillation_lowers_kl_to_teacher_on_held_out_text(rows, family, allocation):
+    dense, student = _pruned(family, allocation)
+    train, held_out = rows[:-8], rows[-8:]
+    before = kl_to_teacher(student, dense, held_out)
+    teacher_before = _weights(dense)
+    result = recover(student, dense, char_tokenizer(), _spec("distill", steps=20), data=train, progress=False)
+    after = kl_to_teacher(student, dense, held_out)
+    assert after < 0.6 * before, (before, after)
+    assert result.final_loss < result.first_loss and len(result.losses) == 20
+    assert _same(_weights(dense), teacher_before)  # the teacher is not trained
+    assert not student.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_distillation_can_freeze_tied_embeddings(rows):
+    dense, student = _pruned("llama")
+    student.config.tie_word_embeddings = True
+    student.tie_weights()
+    emb = student.get_input_embeddings().weight.clone()
+    recover(student, dense, char_tokenizer(), _spec("distill", steps=3, freeze_embeddings=True, ce_weight=0.5), data=rows, progress=False)
+    assert torch.equal(student.get_input_embeddings().weight, emb)
+    assert student.lm_head.weight is student.get_input_embeddings().weight
+    assert not torch.equal(student.model.norm.weight, dense.model.norm.weight)  # the rest is trained
+
+
+@pytest.mark.parametrize("family,allocation", [("llama", "uniform"), ("phi", "uniform"), ("phi3", "global"), ("phi3-gqa", "uniform")])
+def test_lora_lowers_loss_and_is_merged_into_plain_linears(rows, family, allocation):
+    _, student = _pruned(family, allocation)
+    shapes = {k: v.shape for k, v in student.state_dict().items()}
+    before = _weights(student)
+    result = recover(student, None, char_tokenizer(), _spec("lora", steps=20), data=rows, progress=False)
+    assert result.final_loss < 0.8 * result.first_loss, result.losses
+    assert {k: v.shape for k, v in student.state_dict().items()} == shapes  # same keys, same shapes: no adapters left
+    assert not any("lora" in name for name, _ in student.named_modules())
+    adapter = get_adapter(student)
+    assert all(type(m) is torch.nn.Linear for i in range(adapter.num_layers) for m in adapter.projections(i))
+    changed = {k for k in shapes if not torch.equal(before[k], student.state_dict()[k])}
+    assert changed and all(re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+\.weight$", k) for k in changed)
+
+
+@pytest.mark.parametrize("family,names", [
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("phi", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
+    ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+])
+def test_lora_targets_come_from_the_adapter(family, names):
+    model = tiny_model(family)
+    targets = lora_targets(model)
+    assert len(targets) == len(names) * model.config.num_hidden_layers
+    assert {t.rsplit(".", 1)[1] for t in targets} == names
+
+
+@pytest.mark.parametrize("method", ["distill", "lora"])
+def test_same_seed_gives_identical_weights(rows, method):
+    runs = []
+    for seed in (0, 0, 1):
+        dense, student = _pruned("llama")
+        recover(student, dense if method == "distill" else None, char_tokenizer(), _spec(method, steps=4, seed=seed), data=rows, progress=False)
+        runs.append(_weights(student))
+    assert _same(runs[0], runs[1])
+    assert not _same(runs[0], runs[2])
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,stop,error", [("lora", 5, Stop), ("distill", 3, KeyboardInterrupt)])
+def test_interrupted_run_resumes_to_the_same_weights(rows, tmp_path, method, stop, error):
+    spec = _spec(method, steps=8, resume_dir=str(tmp_path / "state"), save_every=2)
+    dense, student = _pruned("llama")
+    teacher = dense if method == "distill" else None
+    reference = copy.deepcopy(student)
+    whole = recover(reference, teacher, char_tokenizer(), _spec(method, steps=8), data=rows, progress=False)
+
+    def interrupt(done, total, loss):
+        if done == stop:
+            raise error
+    stopped = copy.deepcopy(student)
+    with pytest.raises(error):
+        recover(stopped, teacher, char_tokenizer(), spec, data=rows, progress=interrupt)
+    assert not any("lora" in name for name, _ in stopped.named_modules())  # adapters removed on the way out
+    with safe_open(tmp_path / "state" / STATE_FILE, "pt") as f:
+        saved = json.loads(f.metadata()["amp_edge_recovery_state"])
+    # A hook's exception loses the steps since the last save; Ctrl-C saves the step it stopped at.
+    assert saved["step"] == (stop if error is KeyboardInterrupt else stop - stop % 2)
+    resumed = copy.deepcopy(student)
+    result = recover(resumed, teacher, char_tokenizer(), spec, data=rows, progress=False)
+    assert result.resumed_from_step == saved["step"]
+    assert _same(_weights(resumed), _weights(reference))
+    assert result.losses == whole.losses
+
+
+def test_resume_folder_of_another_run_is_refused_or_restarted(rows, tmp_path):
+    spec = _spec("lora", steps=4, resume_dir=str(tmp_path / "state"), save_every=2)
+    _, student = _pruned("llama")
+    recover(copy.deepcopy(student), None, char_tokenizer(), spec, data=rows, progress=False)
+    other = dataclasses.replace(spec, lr=1e-3)
+    with pytest.raises(RecoveryError, match=r"different recovery run \(differs in: spec.lr\)"):
+        recover(copy.deepcopy(student), None, char_tokenizer(), other, data=rows, progress=False)
+    other.restart_on_mismatch = True
+    result = recover(copy.deepcopy(student), None, char_tokenizer(), other, data=rows, progress=False)
+    assert result.resumed_from_step == 0 and len(result.losses) == 4
+
+
+def test_schedule_warms_up_then_decays():
+    spec = RecoverySpec("lora", steps=100, lr=1e-3, warmup_steps=10)
+    lrs = [lr_at(s, spec) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and 0 < lrs[-1] < 1e-5
+
+
+def test_data_files_alpaca_jsonl_txt(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Greet", "input": "", "output": "Hi"}]))
+    texts = read_recovery_file(alpaca)
+    assert "### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n5" in texts[0]
+    assert "### Input" not in texts[1] and texts[1].endswith("### Response:\nHi")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:3]))
+    assert read_recovery_file(jsonl) == TEXTS[:3]
+    txt = tmp_path / "t.txt"
+    txt.write_text("one doc\n\nanother doc")
+    assert read_recovery_file(txt) == ["one doc", "another doc"]
+    rows = pack(TEXTS, char_tokenizer(), 16, seed=0)
+    assert rows.shape[1] == 16 and rows.shape[0] == sum(len(t) + 1 for t in TEXTS) // 16
+    with pytest.raises(RecoveryError, match="fewer than one sequence of 4096"):
+        pack(TEXTS[:1], char_tokenizer(), 4096, seed=0)
+
+
+def test_spec_check_names_the_bad_value():
+    for kw, match in [({"method": "prune"}, "'prune'; choose from distill, lora"), ({"steps": 0}, "steps must be >= 1, got 0"),
+                      ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"lora_dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+                      ({"warmup_steps": 12}, "warmup steps must be in"), ({"schedule": "step"}, "'step'; choose from cosine, linear")]:
+        with pytest.raises(InvalidOptionError, match=match):
+            RecoverySpec(**{"method": "lora", "steps": 10, **kw}).check()
+
+
+# --- through the pipeline and the CLI -----------------------------------------------------------------
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": f"Repeat {i}", "input": "", "output": t} for i, t in enumerate(TEXTS)]))
+    return path
+
+
+SMALL = ["--calib-samples", 4, "--calib-seq-len", 16, "--recover-steps", 4, "--recover-batch-size", 2, "--recover-seq-len", 32]
+
+
+def test_cli_lora_saves_a_plain_checkpoint(tiny_dir, data_file, tmp_path):
+    plain, rec = tmp_path / "plain", tmp_path / "lora"
+    assert run("prune", tiny_dir, "--calib", data_file, "--calib-samples", 4, "--calib-seq-len", 16, "--out", plain).exit_code == 0
+    res = run("prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "lora", "--recover-data", data_file, "--out", rec, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)["recovery"]
+    assert info["method"] == "lora" and info["steps"] == 4 and info["lr"] == 3e-4 and info["data"] == str(data_file)
+    assert info["final_loss"] < info["first_loss"] and info["seconds"] > 0
+    assert json.loads((rec / "amp_edge_recovery.json").read_text())["losses"] == info["losses"]
+    assert sorted(p.name for p in rec.iterdir()) == sorted([p.name for p in plain.iterdir()] + ["amp_edge_recovery.json"])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the resume state beside --out is gone
+    a = AutoModelForCausalLM.from_pretrained(plain)
+    b = AutoModelForCausalLM.from_pretrained(rec)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
+    plan_a, plan_b = (json.loads((d / "amp_edge_plan.json").read_text()) for d in (plain, rec))
+    assert plan_a["layers"] == plan_b["layers"]  # the plan replays the pruning only; recovery is recorded beside it
+
+
+def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "distill"
+    res = run("prune", tiny_dir, "--allocation", "global", "--calib", data_file, *SMALL, "--recover", "distill",
+              "--recover-resume-dir", tmp_path / "state", "--recover-save-every", 2, "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["per_layer_config"] and info["recovery"]["data"] == str(data_file)  # defaults to the calibration source
+    assert (tmp_path / "state" / STATE_FILE).is_file()  # an explicit resume folder is kept
+    model = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == info["params_after"]
+
+
+def test_recover_self_generated_data(tiny_dir):
+    dense, student = _pruned("llama")
+    result = recover(student, dense, char_tokenizer(), _spec("distill", steps=2, self_samples=4, seq_len=16), progress=False)
+    assert result.data == "self" and result.sequences == 4
+
+
+def _bad_cases(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n")
+    return {
+        "unknown method": (["--recover", "prune"], "unknown recovery method 'prune'; choose from distill, lora"),
+        "steps zero": (["--recover", "lora", "--recover-steps", 0], "steps must be >= 1, got 0"),
+        "lr zero": (["--recover", "distill", "--recover-lr", 0], "lr must be > 0, got 0.0"),
+        "lr negative": (["--recover", "lora", "--recover-lr", -1e-4], "lr must be > 0, got -0.0001"),
+        "missing data": (["--recover", "lora", "--recover-data", tmp_path / "nope.json"], "recovery data file not found: .*nope.json"),
+        "empty data": (["--recover", "lora", "--recover-data", empty], "holds no text"),
+        "blank text": (["--recover", "distill", "--recover-data", blank], "holds no text"),
+        "half precision": (["--recover", "lora", "--dtype", "float16"], "recovery trains in float32; got --dtype float16"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown method", "steps zero", "lr zero", "lr negative", "missing data", "empty data",
+                                  "blank text", "half precision"])
+def test_cli_bad_recovery_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, case):
+    args, match = _bad_cases(tiny_dir, tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run("prune", tiny_dir, "--calib-samples", 2, "--calib-seq-len", 16, *args, "--out", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.output, res.output
+    assert re.search(match, lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
