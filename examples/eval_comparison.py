@@ -57,7 +57,7 @@ def build(row: dict, args, work: Path) -> Path:
         t0 = time.perf_counter()
         cmd = ["prune", args.model, "--ratio", str(row["ratio"]), "--criterion", row["criterion"], "--allocation",
                row["allocation"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
-        amp(*cmd, *(shlex.split(args.recover) if row["recovery"] else []), log=log)
+        amp(*cmd, *(shlex.split(row["recipe"]) if row["recovery"] else []), log=log)
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     amp("export", str(ckpt), "--out", str(pkg), "--overwrite", *shlex.split(args.export_args), log=log)
     return pkg
@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--criteria", default="amp,random,magnitude,wanda-sp")
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--allocations", default="uniform")
-    ap.add_argument("--recover", default="", help='prune options of the recovery rows, e.g. "--recover distill --recover-steps 300"; empty: no recovery rows')
+    ap.add_argument("--recover", action="append", default=[], help='prune options of a recovery recipe, e.g. "--recover distill '
+                    '--recover-steps 300"; repeat it for several recipes (a row each); none: no recovery rows')
     ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
     ap.add_argument("--recover-criteria", default="amp", help="criteria that also get a recovery row")
     ap.add_argument("--recover-ratios", default="", help="ratios that get recovery rows (default: all of --ratios)")
@@ -139,7 +140,6 @@ def main() -> None:
 def plan_rows(args) -> list[dict]:
     """The table's rows. A recovery row's name carries a hash of its recipe, so a new recipe never reuses
     a checkpoint trained with another one."""
-    tag = hashlib.sha1(args.recover.encode()).hexdigest()[:6]
     ratios = [float(r) for r in args.ratios.split(",")]
     rec_ratios = [float(r) for r in args.recover_ratios.split(",")] if args.recover_ratios else ratios
     non_uniform = args.global_criteria.split(",") if args.global_criteria else None
@@ -149,11 +149,22 @@ def plan_rows(args) -> list[dict]:
             for allocation in args.allocations.split(","):
                 if allocation != "uniform" and non_uniform is not None and criterion not in non_uniform:
                     continue
-                recover = bool(args.recover) and criterion in args.recover_criteria.split(",") and ratio in rec_ratios
-                for rec in [False] + ([True] if recover else []):
-                    name = f"{criterion}-{ratio:g}-{allocation}" + (f"-rec-{tag}" if rec else "")
-                    rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": rec})
+                name = f"{criterion}-{ratio:g}-{allocation}"
+                rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": False})
+                if criterion not in args.recover_criteria.split(",") or ratio not in rec_ratios:
+                    continue
+                for recipe in args.recover:
+                    tag = hashlib.sha1(recipe.encode()).hexdigest()[:6]
+                    rows.append({"name": f"{name}-rec-{tag}", "criterion": criterion, "ratio": ratio, "allocation": allocation,
+                                 "recovery": True, "recipe": recipe})
     return rows
+
+
+def recipe_label(recipe: str) -> str:
+    """'distill 120 x c4_demo' from the recipe's options."""
+    opts = shlex.split(recipe)
+    value = lambda flag, default: opts[opts.index(flag) + 1] if flag in opts[:-1] else default  # noqa: E731
+    return f"{value('--recover', '?')} {value('--recover-steps', '')} x {Path(value('--recover-data', 'calib')).stem}"
 
 
 def _benched(bench_dir: Path) -> list[str]:
@@ -171,14 +182,14 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
              f"of the exported fp32 ONNX package. avg5 = PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c (the paper's average); "
              f"avg7 = all seven tasks. Decode: fp32, prompt {args.bench_prompt}, 64 new tokens, {args.threads} threads, "
              f"{env.get('cpu', '')}.", "",
-             *([f"Recovery rows: `amp-edge prune ... {args.recover}`.", ""] if args.recover else []),
+             *[f"Recovery `{recipe_label(r)}`: `amp-edge prune ... {r}`." for r in args.recover], "",
              "prune s: wall time of `amp-edge prune` (calibration, scoring and recovery); eval s: `amp-edge eval` of the "
              "package on every task. Both on a 2-core box that often ran other jobs at the same time: upper bounds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["eval"]["tasks"]
         avg = r["eval"]["average"]
-        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], "yes" if r["recovery"] else "no", f"{r['params']:,}",
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
                  f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",

@@ -26,7 +26,7 @@ def _module():
 
 
 def _args(**kw):
-    base = dict(criteria="amp,random", ratios="0.2,0.3", allocations="uniform,global", recover="", recover_criteria="amp",
+    base = dict(criteria="amp,random", ratios="0.2,0.3", allocations="uniform,global", recover=[], recover_criteria="amp",
                 recover_ratios="", global_criteria="")
     return type("Args", (), base | kw)
 
@@ -37,13 +37,16 @@ def test_rows_cover_the_grid_and_tag_the_recovery_recipe():
     assert [r["name"] for r in rows][:3] == ["dense", "amp-0.2-uniform", "amp-0.2-global"]
     assert len(rows) == 1 + 2 * 2 * 2 and not any(r["recovery"] for r in rows)
 
-    rows = plan(_args(recover="--recover distill --recover-steps 30", recover_ratios="0.3", global_criteria="amp"))
+    recipes = ["--recover distill --recover-steps 30", "--recover lora --recover-steps 9 --recover-data a/alpaca.json"]
+    rows = plan(_args(recover=recipes[:1], recover_ratios="0.3", global_criteria="amp"))
     rec = [r for r in rows if r["recovery"]]
     assert [(r["criterion"], r["ratio"], r["allocation"]) for r in rec] == [("amp", 0.3, "uniform"), ("amp", 0.3, "global")]
     assert not [r for r in rows if r["criterion"] == "random" and r["allocation"] == "global"]
-    other = plan(_args(recover="--recover distill --recover-steps 120", recover_ratios="0.3"))
-    names = {r["name"] for r in rec}
-    assert names.isdisjoint({r["name"] for r in other if r["recovery"]})  # another recipe: other checkpoints
+    both = [r for r in plan(_args(recover=recipes, recover_ratios="0.3")) if r["recovery"]]
+    assert len(both) == 4 and len({r["name"] for r in both}) == 4  # a recipe of its own: checkpoints of its own
+    assert {r["name"] for r in rec} < {r["name"] for r in both}
+    module = _module()
+    assert [module.recipe_label(r) for r in recipes] == ["distill 30 x calib", "lora 9 x alpaca"]
 
 
 @pytest.mark.slow  # a dozen amp-edge processes (~3 min on 2 cores)
@@ -69,7 +72,7 @@ def test_table_end_to_end_on_a_tiny_model(tmp_path):
         assert r["eval"]["tasks"]["wikitext2"]["perplexity"] > 1
     assert rows["amp-0.3-uniform+rec"]["prune_seconds"] > 0
     text = (out / "eval_comparison.md").read_text()
-    assert text.count("\n| ") == 1 + 4 and "Recovery rows: `amp-edge prune ... --recover distill" in text
+    assert text.count("\n| ") == 1 + 4 and "Recovery `distill 2 x calib`: `amp-edge prune ... --recover distill" in text
 
     # a second run with one more row reuses the finished ones and benches the new set
     before = (work / "amp-0.3-uniform-pkg" / "amp_edge.json").stat().st_mtime
