@@ -95,11 +95,17 @@ def main() -> None:
     ap.add_argument("--work", default="out/eval_work")
     ap.add_argument("--out", default="results/eval_comparison")
     ap.add_argument("--rows-only", action="store_true", help="build and evaluate the rows, then stop (no bench, no table)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="build nothing: bench and tabulate the rows already evaluated under --work, list the others as not run")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
     rows = plan_rows(args)
+    args.not_run = []
+    if args.finished_only:
+        args.not_run = [r["name"] for r in rows if not (work / f"{r['name']}-eval" / "eval.json").is_file()]
+        rows = [r for r in rows if r["name"] not in args.not_run]
 
     start = time.perf_counter()
     for row in rows:
@@ -196,6 +202,8 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
                  f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-", f"{r['eval']['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = args.limit
+    if args.not_run:
+        lines += ["", f"Rows of this command not run yet (left out): {', '.join(args.not_run)}."]
     lines += ["", f"Standard error of one task's accuracy at n={n}: about {100 * (0.25 / n) ** 0.5:.1f} points (p=0.5); "
               f"per-task stderr values are in eval_comparison.json."]
     return "\n".join(lines) + "\n"

@@ -82,3 +82,11 @@ def test_table_end_to_end_on_a_tiny_model(tmp_path):
     assert (work / "amp-0.3-uniform-pkg" / "amp_edge.json").stat().st_mtime == before
     report = json.loads((out / "eval_comparison.json").read_text())
     assert all(r["decode_ms"] for r in report["rows"]) and len(report["rows"]) == 5
+
+    # --finished-only builds nothing: the table holds the evaluated rows and names the missing one
+    cmd[cmd.index("amp,random,magnitude")] = "amp,random,magnitude,wanda-sp"
+    run = subprocess.run([*cmd, "--finished-only"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert not (work / "wanda-sp-0.3-uniform-ckpt").exists()
+    assert len(json.loads((out / "eval_comparison.json").read_text())["rows"]) == 5
+    assert "not run yet (left out): wanda-sp-0.3-uniform." in (out / "eval_comparison.md").read_text()
