@@ -168,6 +168,20 @@ class GQAAttention(nn.Module):
         return self.o_proj(out), None
 
 
+class PackedMLP(nn.Module):
+    """Drop-in for a gate/up/down MLP while tracing: one gate|up MatMul (``gate_up_proj``), then act(gate) * up."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.width = mlp.down_proj.in_features
+        self.gate_up_proj = _pack([mlp.gate_proj, mlp.up_proj])
+        self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split([self.width, self.width], -1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
 def _pack(linears: list[nn.Linear]) -> nn.Linear:
     weight = torch.cat([m.weight.detach() for m in linears], 0)
     bias = torch.cat([m.bias.detach() for m in linears], 0) if linears[0].bias is not None else None
@@ -191,21 +205,27 @@ def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def gqa_attention(model: nn.Module, layers: list[int]):
-    """Swap the given layers' attention for GQAAttention while the block runs; yields the shared state (None if no layer)."""
+def gqa_attention(model: nn.Module, layers: list[int], pack_mlp: bool = True):
+    """Swap the given layers' attention for GQAAttention (and a gate/up MLP for PackedMLP when ``pack_mlp``) while
+    the block runs; yields the shared state (None if no layer)."""
     if not layers:
         yield None
         return
     adapter = get_adapter(model)
     cos, sin = rotary_tables(model)
     state = GQAState(cos, sin)
-    originals = {}
+    originals = []  # (layer, attribute, module)
     try:
         for i in layers:
-            originals[i] = adapter.attention(i)
-            state.replaced.append(originals[i])
-            setattr(adapter.layers()[i], adapter.attn_name, GQAAttention(originals[i], adapter, i, state))
+            layer = adapter.layers()[i]
+            originals.append((layer, adapter.attn_name, adapter.attention(i)))
+            setattr(layer, adapter.attn_name, GQAAttention(adapter.attention(i), adapter, i, state))
+            mlp = adapter.mlp(i)
+            if pack_mlp and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                originals.append((layer, adapter.mlp_name, mlp))
+                setattr(layer, adapter.mlp_name, PackedMLP(mlp))
+        state.replaced = [m for _, _, m in originals]
         yield state
     finally:
-        for i, attn in originals.items():
-            setattr(adapter.layers()[i], adapter.attn_name, attn)
+        for layer, name, module in reversed(originals):
+            setattr(layer, name, module)

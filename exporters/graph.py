@@ -32,6 +32,7 @@ class GraphSpec:
     opset: int = DEFAULT_OPSET
     optimize: str = "fuse"
     attention: str = "auto"  # auto: GroupQueryAttention wherever a layer allows it; gqa: every layer; sdpa: none
+    pack_mlp: bool = True  # GQA layers: gate|up in one MatMul (gate_up_proj)
 
 
 def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_weights: bool = False) -> onnx.ModelProto:
@@ -43,7 +44,7 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     the weight transposes are folded one tensor at a time.
     """
     layout = kv_layout(model)
-    with gqa_attention(model, gqa_layers(model, spec.attention)) as gqa:
+    with gqa_attention(model, gqa_layers(model, spec.attention), spec.pack_mlp) as gqa:
         stored = _trace(model, DecoderStep(model, gqa).eval(), layout, folder, spec, release_weights,
                        gqa.replaced if gqa is not None else [])
     traced = folder / "traced.onnx"

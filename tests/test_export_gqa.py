@@ -61,6 +61,7 @@ def test_one_gqa_node_per_layer_with_its_own_heads(tmp_path):
     assert ops["Softmax"] == 0 and ops["RotaryEmbedding"] == 0  # no plain attention left
     names = [n.name for n in _graph(tmp_path / "pkg").graph.node if n.op_type == "MatMul"]
     assert sum("qkv_proj" in n.split("/") for n in names) == 3 and not any("q_proj" in n.split("/") for n in names)
+    assert sum("gate_up_proj" in n.split("/") for n in names) == 3 and not any("gate_proj" in n.split("/") for n in names)
     # positions come from the mask in a GQA graph: no position_ids input, and genai is told so
     assert "position_ids" not in {i.name for i in _graph(tmp_path / "pkg").graph.input}
     genai = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
@@ -101,7 +102,7 @@ def test_fp32_parity_right_padded_prefill_and_decode(tmp_path, family):
         assert got[row, ids.shape[1]:].tolist() == seq[0, n:].tolist(), row
 
 
-def test_layer_without_gqa_falls_back_to_plain_attention(tmp_path, monkeypatch):
+def test_layer_without_gqa_fallback_to_plain_attention(tmp_path, monkeypatch):
     import exporters.attention as attention
 
     # heads % kv_heads != 0 in one layer: that layer, and only that one, keeps the plain attention
