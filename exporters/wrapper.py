@@ -3,7 +3,8 @@
 Inputs  input_ids (batch, seq), attention_mask (batch, past+seq), position_ids (batch, seq),
         past_key_values.{i}.key|value (batch, kv_heads_i, past, head_dim)
 Outputs logits (batch, seq, vocab), present.{i}.key|value (batch, kv_heads_i, past+seq, head_dim)
-These are the names optimum's ORTModelForCausalLM and onnxruntime-genai look for.
+These are the names optimum's ORTModelForCausalLM and onnxruntime-genai look for. A graph whose every layer is
+GroupQueryAttention (exporters.attention) has no position_ids: GQA takes positions from the attention mask.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_one_gqa_node_per_layer_with_its_own_heads(tmp_path):
     assert "position_ids" not in genai["model"]["decoder"]["inputs"]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3-gqa", "phi3-gqa32"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa", "qwen3-gqa", "phi3-gqa32"])
 def test_fp32_parity_right_padded_prefill_and_decode(tmp_path, family):
     model = tiny_model(family)
     save_tiny(family, tmp_path / "dense")
