@@ -93,7 +93,7 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
             _write_side_files(loaded, tmp)
             # PyTorch's part ends with the trace (references were taken above): its weights are freed then
             files, inputs = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts)
-            _write_genai_config(loaded, tmp, inputs)
+            _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
             parity = _validate(refs, tmp, opts)
             manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -158,11 +158,14 @@ def _write_side_files(loaded: LoadedModel, folder: Path) -> None:
         loaded.tokenizer.save_pretrained(folder)
 
 
-def _write_genai_config(loaded: LoadedModel, folder: Path, graph_inputs: set[str]) -> None:
+def _write_genai_config(loaded: LoadedModel, folder: Path, graph_inputs: set[str], all_gqa: bool) -> None:
     config = genai_config(loaded.model, loaded.tokenizer)
     inputs = config["model"]["decoder"]["inputs"]
     if "position_ids" not in graph_inputs:  # a graph whose every layer is GQA reads positions from the mask
         del inputs["position_ids"]
+    # GQA writes new keys into a max-length cache in place when past and present share one buffer (genai's
+    # fixed-size cache): no copy of the whole cache per token. Plain attention layers concatenate, so they cannot.
+    config["search"]["past_present_share_buffer"] = all_gqa
     (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
 
 

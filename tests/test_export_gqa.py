@@ -65,7 +65,7 @@ def test_one_gqa_node_per_layer_with_its_own_heads(tmp_path):
     # positions come from the mask in a GQA graph: no position_ids input, and genai is told so
     assert "position_ids" not in {i.name for i in _graph(tmp_path / "pkg").graph.input}
     genai = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
-    assert "position_ids" not in genai["model"]["decoder"]["inputs"]
+    assert "position_ids" not in genai["model"]["decoder"]["inputs"] and genai["search"]["past_present_share_buffer"]
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa", "qwen3-gqa", "phi3-gqa32"])
@@ -120,6 +120,7 @@ def test_layer_without_gqa_fallback_to_plain_attention(tmp_path, monkeypatch):
     assert len(_gqa_nodes(tmp_path / "mixed")) == 2
     ops = Counter(n.op_type for n in _graph(tmp_path / "mixed").graph.node)
     assert ops["Softmax"] == 1 and "position_ids" in {i.name for i in _graph(tmp_path / "mixed").graph.input}
+    assert not json.loads((tmp_path / "mixed" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     with pytest.raises(InvalidOptionError, match="--attention gqa: 1 layer\\(s\\) cannot use GroupQueryAttention \\(layer 1: 8 query"):
         export(str(dense), tmp_path / "strict", ExportOptions(ratio=0, graph=GraphSpec(attention="gqa")))
     assert not (tmp_path / "strict").exists()
