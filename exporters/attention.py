@@ -183,13 +183,20 @@ class PackedMLP(nn.Module):
 
 
 def _pack(linears: list[nn.Linear]) -> nn.Linear:
-    weight = torch.cat([m.weight.detach() for m in linears], 0)
-    bias = torch.cat([m.bias.detach() for m in linears], 0) if linears[0].bias is not None else None
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    """One Linear whose rows are the given Linears' rows; their weights become views into it (no second copy)."""
+    out = nn.Linear(linears[0].in_features, 1, bias=linears[0].bias is not None, device="meta")
     with torch.no_grad():
-        out.weight.copy_(weight)
-        if bias is not None:
-            out.bias.copy_(bias)
+        out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears], 0), requires_grad=False)
+        if out.bias is not None:
+            out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears], 0), requires_grad=False)
+        out.out_features = out.weight.shape[0]
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m.weight.data = out.weight.data[rows]
+            if m.bias is not None:
+                m.bias.data = out.bias.data[rows]
+            start += m.out_features
     return out.eval()
 
 
