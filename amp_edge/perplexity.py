@@ -39,15 +39,20 @@ def read_eval_text(path: str | Path) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | None = None,
-               max_tokens: int | None = None, forward=None) -> PerplexityResult:
+               max_tokens: int | None = None, forward=None, context: int | None = None) -> PerplexityResult:
     """Each window sees up to ``window`` tokens and scores only the ``stride`` new ones past the previous window.
 
     stride == window gives disjoint windows; a smaller stride gives every scored token more context.
     ``forward(ids (1, T)) -> logits (1, T, vocab)`` replaces the PyTorch model (e.g. an ONNX package's graph).
+    ``context``: the model's positions (default: its config's max_position_embeddings); a longer window is refused.
     """
     stride = stride or window
     if window < 2 or not 0 < stride <= window:
         raise InvalidOptionError(f"need window >= 2 and 0 < stride <= window, got window={window} stride={stride}")
+    context = context or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context and window > context:
+        raise InvalidOptionError(f"window {window} is longer than the model's context ({context} positions); "
+                                 f"use --window {context} or less")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if max_tokens:
         ids = ids[:max_tokens]

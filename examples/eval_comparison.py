@@ -15,6 +15,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -56,7 +57,7 @@ def build(row: dict, args, work: Path) -> Path:
         t0 = time.perf_counter()
         cmd = ["prune", args.model, "--ratio", str(row["ratio"]), "--criterion", row["criterion"], "--allocation",
                row["allocation"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
-        amp(*cmd, *(shlex.split(args.recover) if row["recovery"] else []), log=log)
+        amp(*cmd, *(shlex.split(row["recipe"]) if row["recovery"] else []), log=log)
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     amp("export", str(ckpt), "--out", str(pkg), "--overwrite", *shlex.split(args.export_args), log=log)
     return pkg
@@ -66,7 +67,7 @@ def evaluate(row: dict, pkg: Path, args, work: Path) -> dict:
     out = work / f"{row['name']}-eval"
     if not (out / "eval.json").is_file():
         amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *TASKS]), "--limit", str(args.limit), "--max-tokens",
-            str(args.max_tokens), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
+            str(args.max_tokens), "--window", str(args.window), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
     return json.loads((out / "eval.json").read_text())
 
 
@@ -76,31 +77,35 @@ def main() -> None:
     ap.add_argument("--criteria", default="amp,random,magnitude,wanda-sp")
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--allocations", default="uniform")
-    ap.add_argument("--recover", default="", help='prune options of the recovery rows, e.g. "--recover distill --recover-steps 300"; empty: no recovery rows')
+    ap.add_argument("--recover", action="append", default=[], help='prune options of a recovery recipe, e.g. "--recover distill '
+                    '--recover-steps 300"; repeat it for several recipes (a row each); none: no recovery rows')
     ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
     ap.add_argument("--recover-criteria", default="amp", help="criteria that also get a recovery row")
+    ap.add_argument("--recover-ratios", default="", help="ratios that get recovery rows (default: all of --ratios)")
+    ap.add_argument("--global-criteria", default="", help="criteria that get the non-uniform allocations (default: all)")
     ap.add_argument("--calib", default=str(DATA_DIR / "calibration" / "c4_demo.jsonl"))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
     ap.add_argument("--limit", type=int, default=200, help="documents per zero-shot task (first N of the validation split)")
-    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (window 1024, disjoint)")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (disjoint windows)")
+    ap.add_argument("--window", type=int, default=1024, help="WikiText-2 window (tokens each forward pass sees)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bench-prompt", default="128")
     ap.add_argument("--bench-repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="out/eval_work")
     ap.add_argument("--out", default="results/eval_comparison")
+    ap.add_argument("--rows-only", action="store_true", help="build and evaluate the rows, then stop (no bench, no table)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="build nothing: bench and tabulate the rows already evaluated under --work, list the others as not run")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    rows = [{"name": "dense", "criterion": "dense", "ratio": 0.0, "allocation": "-", "recovery": False}]
-    for criterion in args.criteria.split(","):
-        for ratio in (float(r) for r in args.ratios.split(",")):
-            for allocation in args.allocations.split(","):
-                recoveries = [False] + ([True] if args.recover and criterion in args.recover_criteria.split(",") else [])
-                for rec in recoveries:
-                    name = f"{criterion}-{ratio:g}-{allocation}" + ("-rec" if rec else "")
-                    rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": rec})
+    rows = plan_rows(args)
+    args.not_run = []
+    if args.finished_only:
+        args.not_run = [r["name"] for r in rows if not (work / f"{r['name']}-eval" / "eval.json").is_file()]
+        rows = [r for r in rows if r["name"] not in args.not_run]
 
     start = time.perf_counter()
     for row in rows:
@@ -113,8 +118,11 @@ def main() -> None:
         print(json.dumps({k: row[k] for k in ("name", "params")} | {"ppl": report["tasks"]["wikitext2"]["perplexity"],
                           "paper5": report["average"]["paper5_acc"]}), flush=True)
 
+    if args.rows_only:
+        return
     bench_dir = work / "bench"
-    if not (bench_dir / "bench.json").is_file():
+    packages = [r["package"] for r in rows]
+    if not (bench_dir / "bench.json").is_file() or _benched(bench_dir) != packages:  # a new row: bench them all again
         amp("bench", *(r["package"] for r in rows), "--threads", str(args.threads), "--prompt-len", args.bench_prompt,
             "--repeat", str(args.bench_repeat), "--gen-len", "64", "--out", str(bench_dir), "--overwrite", log=work / "bench.log")
     bench = json.loads((bench_dir / "bench.json").read_text())
@@ -135,25 +143,67 @@ def main() -> None:
     print((out / "eval_comparison.md").read_text())
 
 
+def plan_rows(args) -> list[dict]:
+    """The table's rows. A recovery row's name carries a hash of its recipe, so a new recipe never reuses
+    a checkpoint trained with another one."""
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rec_ratios = [float(r) for r in args.recover_ratios.split(",")] if args.recover_ratios else ratios
+    non_uniform = args.global_criteria.split(",") if args.global_criteria else None
+    rows = [{"name": "dense", "criterion": "dense", "ratio": 0.0, "allocation": "-", "recovery": False}]
+    for criterion in args.criteria.split(","):
+        for ratio in ratios:
+            for allocation in args.allocations.split(","):
+                if allocation != "uniform" and non_uniform is not None and criterion not in non_uniform:
+                    continue
+                name = f"{criterion}-{ratio:g}-{allocation}"
+                rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": False})
+                if criterion not in args.recover_criteria.split(",") or ratio not in rec_ratios:
+                    continue
+                for recipe in args.recover:
+                    tag = hashlib.sha1(recipe.encode()).hexdigest()[:6]
+                    rows.append({"name": f"{name}-rec-{tag}", "criterion": criterion, "ratio": ratio, "allocation": allocation,
+                                 "recovery": True, "recipe": recipe})
+    return rows
+
+
+def recipe_label(recipe: str) -> str:
+    """'distill 120 x c4_demo' from the recipe's options."""
+    opts = shlex.split(recipe)
+    value = lambda flag, default: opts[opts.index(flag) + 1] if flag in opts[:-1] else default  # noqa: E731
+    return f"{value('--recover', '?')} {value('--recover-steps', '')} x {Path(value('--recover-data', 'calib')).stem}"
+
+
+def _benched(bench_dir: Path) -> list[str]:
+    report = json.loads((bench_dir / "bench.json").read_text())
+    return list(dict.fromkeys(b["path"] for b in report["rows"] if b["kind"] == "onnx"))
+
+
 def table(rows: list[dict], args, command: str, env: dict) -> str:
-    head = ["criterion", "ratio", "alloc", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok"]
+    head = ["criterion", "ratio", "alloc", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok",
+            "prune s", "eval s"]
     lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
              f"Command: `{command}`", "",
              f"Validation splits, first {args.limit} documents of each task (lm-evaluation-harness prompts, acc); "
-             f"WikiText-2 test perplexity over the first {args.max_tokens} tokens (window 1024, disjoint windows); scores "
+             f"WikiText-2 test perplexity over the first {args.max_tokens} tokens (window {args.window}, disjoint windows); scores "
              f"of the exported fp32 ONNX package. avg5 = PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c (the paper's average); "
              f"avg7 = all seven tasks. Decode: fp32, prompt {args.bench_prompt}, 64 new tokens, {args.threads} threads, "
              f"{env.get('cpu', '')}.", "",
+             *[f"Recovery `{recipe_label(r)}`: `amp-edge prune ... {r}`." for r in args.recover], "",
+             "prune s: wall time of `amp-edge prune` (calibration, scoring and recovery); eval s: `amp-edge eval` of the "
+             "package on every task. Both on a 2-core box that often ran other jobs at the same time: upper bounds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["eval"]["tasks"]
         avg = r["eval"]["average"]
-        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], "yes" if r["recovery"] else "no", f"{r['params']:,}",
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
                  f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
-                 f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-"]
+                 f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",
+                 f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-", f"{r['eval']['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = args.limit
+    if args.not_run:
+        lines += ["", f"Rows of this command not run yet (left out): {', '.join(args.not_run)}."]
     lines += ["", f"Standard error of one task's accuracy at n={n}: about {100 * (0.25 / n) ** 0.5:.1f} points (p=0.5); "
               f"per-task stderr values are in eval_comparison.json."]
     return "\n".join(lines) + "\n"

@@ -114,6 +114,9 @@ def test_bad_input(models, data_dir, tmp_path):
         assert r.exit_code == 2 and expected in r.output and "Traceback" not in r.output, r.output
     r = runner.invoke(app, ["eval", str(no_tok), "--tasks", "piqa", "--data-dir", str(data_dir)])
     assert r.exit_code == 2 and "no tokenizer" in r.output
+    for source in (ckpt, pkg):  # the tiny models have 256 positions: a longer WikiText-2 window is refused
+        r = runner.invoke(app, ["eval", str(source), "--tasks", "wikitext2", "--window", "512", "--data-dir", str(data_dir)])
+        assert r.exit_code == 2 and "window 512 is longer than the model's context (256 positions)" in r.output, r.output
 
 
 def test_cli_writes_json_and_markdown(models, data_dir, tmp_path):

@@ -144,7 +144,8 @@ class _OnnxModel:
 
         text = read_eval_text(data_file(PERPLEXITY_TASK, spec.data_dir, required=True))
         forward = lambda chunk: torch.from_numpy(self.lm.forward([chunk[0].tolist()]))  # noqa: E731
-        return perplexity(None, self.lm.tokenizer, text, spec.window, spec.stride, spec.max_tokens, forward=forward).to_dict()
+        return perplexity(None, self.lm.tokenizer, text, spec.window, spec.stride, spec.max_tokens, forward=forward,
+                          context=self.lm.max_length).to_dict()
 
 
 def _load(source: str, spec: EvalSpec, dtype: str) -> _TorchModel | _OnnxModel:
