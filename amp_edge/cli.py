@@ -203,6 +203,7 @@ def export_cmd(
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | int8 | int4."),
     opset: int = typer.Option(17, help="ONNX opset."),
     optimize: str = typer.Option("fuse", help="fuse: ORT transformer fusions (RMSNorm, rotary) | none: the plain trace."),
+    attention: str = typer.Option("auto", help="auto: GroupQueryAttention where a layer allows it (right padding only) | gqa: every layer | sdpa: plain attention (any padding)."),
     keep_8bit: Optional[str] = typer.Option(None, help="int4 only: MatMuls kept at 8 bits, e.g. down_proj,lm_head."),
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8)."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute."),
@@ -233,7 +234,7 @@ def export_cmd(
         ratio=ratio,
         prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len)),
         plan=str(plan) if plan else None,
-        graph=GraphSpec(opset, optimize),
+        graph=GraphSpec(opset, optimize, attention),
         quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme),
         validate=validate, min_top1=min_top1, max_abs_diff=max_abs_diff, external_data=external_data, trust_remote_code=trust_remote_code,
     )

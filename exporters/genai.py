@@ -55,7 +55,7 @@ def genai_config(model, tokenizer=None) -> dict:
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,  # the graph concatenates past and new keys (no fixed buffer)
+            "past_present_share_buffer": False,  # plain attention concatenates past and new keys; all-GQA graphs: True (package.py)
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

@@ -15,6 +15,7 @@ import torch
 
 from amp_edge.memory import release_memory
 
+from .attention import gqa_attention, gqa_layers
 from .wrapper import DecoderStep, example_inputs, kv_layout
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class GraphSpec:
 
     opset: int = DEFAULT_OPSET
     optimize: str = "fuse"
+    attention: str = "auto"  # auto: GroupQueryAttention wherever a layer allows it; gqa: every layer; sdpa: none
+    pack_mlp: bool = True  # GQA layers: gate|up in one MatMul (gate_up_proj)
 
 
 def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_weights: bool = False) -> onnx.ModelProto:
@@ -41,26 +44,10 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     the weight transposes are folded one tensor at a time.
     """
     layout = kv_layout(model)
-    step = DecoderStep(model).eval()
-    tensors = dict(step.named_parameters(remove_duplicate=False))
-    tensors.update(step.named_buffers(remove_duplicate=False))
-    stored = _write_tensors(tensors, folder / "weights.bin")
-    del tensors
-    if release_weights:
-        # The trace needs shapes, not values (it has no value-dependent branches; validation would catch one),
-        # and it makes a transient copy of every parameter (~1.3x the weights): free the real ones first.
-        # Each placeholder gets its own value: the exporter merges initializers of equal content.
-        for i, p in enumerate(model.parameters()):
-            p.data = torch.full((), float(i + 1), dtype=p.dtype).expand(p.shape)
-        release_memory()
+    with gqa_attention(model, gqa_layers(model, spec.attention), spec.pack_mlp) as gqa:
+        stored = _trace(model, DecoderStep(model, gqa).eval(), layout, folder, spec, release_weights,
+                       gqa.replaced if gqa is not None else [])
     traced = folder / "traced.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches: the branches are shape-only
-        torch.onnx.export(
-            step, example_inputs(model), str(traced), input_names=layout.input_names(),
-            output_names=layout.output_names(), dynamic_axes=layout.dynamic_axes(),
-            opset_version=spec.opset, do_constant_folding=False, export_params=False, dynamo=False,
-        )
     graph = onnx.load(str(traced))
     traced.unlink()
     _bind_weights(graph, stored)
@@ -74,6 +61,33 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     for f in (folder / "weights.bin", folder / "weights_t.bin"):
         f.unlink(missing_ok=True)
     return graph
+
+
+def _trace(model, step: DecoderStep, layout, folder: Path, spec: GraphSpec, release_weights: bool,
+           replaced) -> dict[str, onnx.TensorProto]:
+    """Write the weights to a scratch file and trace ``step`` without them; returns the weights' initializers."""
+    tensors = dict(step.named_parameters(remove_duplicate=False))
+    tensors.update(step.named_buffers(remove_duplicate=False))
+    stored = _write_tensors(tensors, folder / "weights.bin")
+    del tensors
+    if release_weights:
+        # The trace needs shapes, not values (it has no value-dependent branches; validation would catch one),
+        # and it makes a transient copy of every parameter (~1.3x the weights): free the real ones first
+        # (the attention modules swapped out for GroupQueryAttention too).
+        # Each placeholder gets its own value: the exporter merges initializers of equal content.
+        params = [*model.parameters(), *(p for m in replaced for p in m.parameters())]
+        for i, p in enumerate(params):
+            p.data = torch.full((), float(i + 1), dtype=p.dtype).expand(p.shape)
+        release_memory()
+    traced = folder / "traced.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches: the branches are shape-only
+        torch.onnx.export(
+            step, example_inputs(model), str(traced), input_names=layout.input_names(),
+            output_names=layout.output_names(), dynamic_axes=layout.dynamic_axes(),
+            opset_version=spec.opset, do_constant_folding=False, export_params=False, dynamo=False,
+        )
+    return stored
 
 
 @contextlib.contextmanager

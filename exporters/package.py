@@ -23,6 +23,7 @@ from amp_edge.surgery import count_parameters
 from amp_edge.versions import versions
 from runtime_bench.generate import OnnxDecoder, session_options
 
+from .attention import check_mode, gqa_layers
 from .genai import genai_config
 from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, save_graph
 from .quantize import QuantSpec, quantize
@@ -52,6 +53,7 @@ class ExportOptions:
             raise InvalidOptionError(f"opset {self.graph.opset} is too old; amp-edge exports opset {MIN_OPSET} or newer")
         if self.graph.optimize not in OPTIMIZE_LEVELS:
             raise InvalidOptionError(f"unknown optimize level {self.graph.optimize!r}; choose from {', '.join(OPTIMIZE_LEVELS)}")
+        check_mode(self.graph.attention)
         self.quant.check(self.graph.opset)
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
             raise InvalidOptionError(f"--min-top1 must be in [0, 1], got {self.min_top1}")
@@ -80,13 +82,18 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     check_output(out, overwrite)
     loaded, plan, params_before = _model(source, opts)
     model = loaded.model
-    facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model)}
-    refs = reference(model, loaded.tokenizer) if opts.validate else None
+    gqa = gqa_layers(model, opts.graph.attention)
+    # GroupQueryAttention supports right padding only (it keeps each row's valid tokens as a prefix): a graph
+    # with GQA layers is validated on a right-padded batch, the plain graph on a left-padded one
+    padding = "right" if gqa else "left"
+    facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding}
+    refs = reference(model, loaded.tokenizer, padding=padding) if opts.validate else None
     try:
         with atomic_dir(out, overwrite) as tmp:
             _write_side_files(loaded, tmp)
             # PyTorch's part ends with the trace (references were taken above): its weights are freed then
-            files = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts)
+            files, inputs = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts)
+            _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
             parity = _validate(refs, tmp, opts)
             manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -117,12 +124,14 @@ def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan |
     return loaded, result.plan, result.params_before
 
 
-def _write_graph(graph, folder: Path, opts: ExportOptions) -> list[Path]:
+def _write_graph(graph, folder: Path, opts: ExportOptions) -> tuple[list[Path], set[str]]:
+    """Quantize and save ``graph`` (the only reference to it, so the fp32 graph goes as soon as it can)."""
+    inputs = {i.name for i in graph.graph.input}
     graph = quantize(graph, opts.quant)
     files = save_graph(graph, folder / "model.onnx", opts.external_data)
     del graph
     release_memory()
-    return files
+    return files, inputs
 
 
 def _validate(refs, folder: Path, opts: ExportOptions):
@@ -147,7 +156,16 @@ def _write_side_files(loaded: LoadedModel, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
-    config = genai_config(model, loaded.tokenizer)
+
+
+def _write_genai_config(loaded: LoadedModel, folder: Path, graph_inputs: set[str], all_gqa: bool) -> None:
+    config = genai_config(loaded.model, loaded.tokenizer)
+    inputs = config["model"]["decoder"]["inputs"]
+    if "position_ids" not in graph_inputs:  # a graph whose every layer is GQA reads positions from the mask
+        del inputs["position_ids"]
+    # GQA writes new keys into a max-length cache in place when past and present share one buffer (genai's
+    # fixed-size cache): no copy of the whole cache per token. Plain attention layers concatenate, so they cannot.
+    config["search"]["past_present_share_buffer"] = all_gqa
     (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
 
 
@@ -164,7 +182,8 @@ def _manifest(source, loaded, plan, params_before, facts, opts: ExportOptions, f
         "params": {"before": params_before, "after": facts["params_after"]},
         "kv_layout": layout.to_dict(),
         "uniform": layout.uniform(),
-        "graph": {"opset": opts.graph.opset, "optimize": opts.graph.optimize, "files": [f.name for f in files]},
+        "graph": {"opset": opts.graph.opset, "optimize": opts.graph.optimize, "files": [f.name for f in files],
+                  "attention": opts.graph.attention, "gqa_layers": facts["gqa_layers"], "padding": facts["padding"]},
         "quantization": opts.quant.to_dict(),
         "file_sizes": sizes,
         "onnx_bytes": sum(sizes[f.name] for f in files),

@@ -1,7 +1,8 @@
 """Parity of an exported graph with its PyTorch model: prefill + teacher-forced decode, and greedy tokens.
 
-Two shapes: one prompt alone, and a left-padded batch of two. Every mismatch is collected; the caller
-raises them together as one ExportValidationError.
+Two shapes: one prompt alone, and a padded batch of two: left-padded for the plain attention graph, right-padded
+for a graph with GroupQueryAttention layers (GQA keeps each row's valid tokens as a prefix; it cannot express
+left padding). Every mismatch is collected; the caller raises them together as one ExportValidationError.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from runtime_bench.generate import OnnxDecoder
+from runtime_bench.generate import OnnxDecoder, last_real
 
 # Documented bounds. fp32 must match the PyTorch model numerically (max |Δlogits| and 32 greedy tokens).
 # Lower precisions are judged by how often the most likely next token agrees with the fp32 PyTorch model
@@ -65,7 +66,7 @@ class Parity:
 
 
 def prompts(tokenizer, vocab: int) -> list[tuple[str, list[list[int]]]]:
-    """Two shapes: a single prompt, and a batch of two prompts of different lengths (left padding)."""
+    """Two shapes: a single prompt, and a batch of two prompts of different lengths (padded)."""
     if tokenizer is not None:
         enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         single = [enc("The quick brown fox jumps over the lazy dog. Then it")]
@@ -77,13 +78,17 @@ def prompts(tokenizer, vocab: int) -> list[tuple[str, list[list[int]]]]:
     return [("single", [ids(11)]), ("padded-batch", [ids(9), ids(6)])]
 
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+PADDING = ("left", "right")
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
     width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = r
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -98,13 +103,15 @@ class Reference:
     logits: np.ndarray
 
 
-def reference(model, tokenizer=None, steps: int = GREEDY_STEPS) -> list[Reference]:
-    """Run the PyTorch side once, before export, so the model's weights can be released afterwards."""
+def reference(model, tokenizer=None, steps: int = GREEDY_STEPS, padding: str = "left") -> list[Reference]:
+    """Run the PyTorch side once, before export, so the model's weights can be released afterwards.
+
+    ``padding``: the side the graph supports (left for the plain attention graph, right with GQA layers)."""
     model = model.float().eval()
-    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     refs = []
     for name, rows in prompts(tokenizer, model.config.vocab_size):
-        ids, mask = left_pad(rows, pad)
+        ids, mask = pad(rows, pad_id, padding)
         refs.append(Reference(name, ids, mask, *_torch_greedy(model, ids, mask, steps)))
     return refs
 
@@ -117,9 +124,12 @@ def _torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> tuple
     tokens, logits = [], []
     with torch.no_grad():
         out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions, use_cache=True)
+        last = torch.from_numpy(last_real(mask))
         for step in range(steps):
             logits.append(out.logits)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            # a right-padded row's next token comes from its last real position
+            step_logits = out.logits[torch.arange(len(last)), last] if step == 0 else out.logits[:, -1]
+            nxt = step_logits.argmax(-1, keepdim=True)
             tokens.append(nxt)
             if step == steps - 1:
                 break

@@ -3,7 +3,8 @@
 Inputs  input_ids (batch, seq), attention_mask (batch, past+seq), position_ids (batch, seq),
         past_key_values.{i}.key|value (batch, kv_heads_i, past, head_dim)
 Outputs logits (batch, seq, vocab), present.{i}.key|value (batch, kv_heads_i, past+seq, head_dim)
-These are the names optimum's ORTModelForCausalLM and onnxruntime-genai look for.
+These are the names optimum's ORTModelForCausalLM and onnxruntime-genai look for. A graph whose every layer is
+GroupQueryAttention (exporters.attention) has no position_ids: GQA takes positions from the attention mask.
 """
 
 from __future__ import annotations
@@ -75,21 +76,30 @@ def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype
 
 
 class DecoderStep(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+    """``gqa``: the shared state of the layers swapped for GroupQueryAttention (exporters.attention), or None."""
+
+    def __init__(self, model: torch.nn.Module, gqa=None):
         super().__init__()
         self.model = model
         self.num_layers = kv_layout(model).num_layers
+        self.gqa = gqa
+        if gqa is not None:  # registered here so the graph's initializers get these names
+            self.register_buffer("gqa_cos_cache", gqa.cos)
+            self.register_buffer("gqa_sin_cache", gqa.sin)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        if self.gqa is not None:
+            self.gqa.begin(attention_mask, past)
         mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
+        for i, layer in enumerate(out.past_key_values.layers):
+            swapped = self.gqa.presents.get(i) if self.gqa is not None else None
+            present += list(swapped) if swapped is not None else [layer.keys, layer.values]
         return (out.logits, *present)
 
 

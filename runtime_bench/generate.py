@@ -22,11 +22,15 @@ class PackageError(ValueError):
     """The folder or file is not a usable decoder graph (torch-free code, so not an AmpEdgeError)."""
 
 
-def session_options(threads: int | None = None, level: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, level: str = "all", spin: bool = False) -> ort.SessionOptions:
+    """``spin``: ORT's worker threads busy-wait between ops. Off by default: on a 2-core box that also ran other work,
+    spinning made decode 1.5-2.4x slower (dense SmolLM2 fp32: 25-40 vs 16.5-21 ms/token) and an app on a device
+    shares its cores too."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -110,7 +114,8 @@ class OnnxDecoder:
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
                  eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
                  times: StepTimes | None = None) -> np.ndarray:
-        """Greedy decoding; returns (batch, prompt + new) token ids. Left padding via ``attention_mask``."""
+        """Greedy decoding; returns (batch, prompt + new) token ids. Padding via ``attention_mask``: left or right
+        for the plain attention graph, right only for a graph with GroupQueryAttention layers."""
         new = list(self.stream(input_ids, max_new_tokens, attention_mask, eos_token_ids, on_token, times))
         return np.concatenate([input_ids] + [t[:, None] for t in new], axis=1)
 
@@ -130,7 +135,9 @@ class OnnxDecoder:
         for step in range(max_new_tokens):
             start = time.perf_counter()
             logits, cache = self.step(ids, mask, positions, cache)
-            token = logits[:, -1, :].argmax(-1).astype(np.int64)
+            # a right-padded prompt's next token comes from its last real position, not from the padding
+            last = logits[np.arange(batch), last_real(mask)] if step == 0 else logits[:, -1, :]
+            token = last.argmax(-1).astype(np.int64)
             if times is not None:
                 elapsed = time.perf_counter() - start
                 if step == 0:
@@ -150,6 +157,11 @@ class OnnxDecoder:
             ids = token[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
+
+
+def last_real(mask: np.ndarray) -> np.ndarray:
+    """Per row, the index of the last position the mask keeps (the last column with left padding)."""
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
 
 
 def _layer_key(name: str) -> tuple[int, int]:

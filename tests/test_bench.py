@@ -70,3 +70,10 @@ def test_bad_input(packages, tmp_path):
     r = runner.invoke(app, ["bench", str(packages / "dense-fp32"), "--provider", "cuda", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not available" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_sessions_do_not_spin_unless_asked():
+    from runtime_bench.generate import session_options
+
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"

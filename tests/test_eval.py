@@ -40,12 +40,13 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    """A pruned tiny Llama checkpoint with per-layer shapes and its fp32 ONNX package."""
+    """A pruned tiny Llama checkpoint with per-layer shapes and its fp32 ONNX package (GroupQueryAttention layers:
+    right-padded batches are the graph's contract)."""
     tmp = tmp_path_factory.mktemp("models")
-    dense = save_tiny("llama", tmp / "dense")
+    dense = save_tiny("llama-gqa", tmp / "dense")
     ckpt = tmp / "pruned"
     prune(str(dense), ckpt, PruneOptions(ratio=0.3, criterion="random", allocation="global", min_keep=0.25))
-    export(str(ckpt), tmp / "pkg", ExportOptions())
+    assert export(str(ckpt), tmp / "pkg", ExportOptions()).manifest["graph"]["gqa_layers"] == [0, 1, 2]
     return ckpt, tmp / "pkg"
 
 

@@ -106,7 +106,8 @@ def test_interop_optimum_and_genai_match_pytorch(tmp_path):
     from exporters.optimum_model import PrunedORTModelForCausalLM
 
     og = pytest.importorskip("onnxruntime_genai")
-    for family, allocation in (("llama", "uniform"), ("phi3", "uniform"), ("llama", "global")):
+    # llama (head_dim 8): the plain attention graph; phi3 and llama-gqa (head_dim 16): GroupQueryAttention graphs
+    for family, allocation in (("llama", "uniform"), ("phi3", "uniform"), ("llama", "global"), ("llama-gqa", "global")):
         root = tmp_path / f"{family}-{allocation}"
         src = pruned(root, family, allocation)
         export(str(src), root / "pkg", ExportOptions())

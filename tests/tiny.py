@@ -28,11 +28,18 @@ def _configs() -> dict:
 
 
 FAMILIES = list(_configs())
+# head_dim 16: the smallest head ONNX Runtime's GroupQueryAttention takes (the families above mostly use 8)
+GQA_CONFIGS = {
+    "llama-gqa": lambda: LlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=16, **COMMON),
+    "qwen2-gqa": lambda: Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),  # q/k/v biases
+    "qwen3-gqa": lambda: Qwen3Config(num_attention_heads=6, num_key_value_heads=2, head_dim=16, **COMMON),
+    "phi3-gqa32": lambda: Phi3Config(num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5, **COMMON),
+}
 
 
 def tiny_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    config = _configs()[name]
+    config = GQA_CONFIGS[name]() if name in GQA_CONFIGS else _configs()[name]
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Random init gives near-uniform logits; larger weights make differences between heads visible.
