@@ -318,7 +318,7 @@ def _environment(spec: BenchSpec, bandwidth: float, cpu: str, ready: dict) -> di
 
     import onnxruntime as ort
 
-    return {"provider": spec.provider, "threads": spec.threads, "thread_spinning": False, "onnxruntime": ort.__version__, "cpu": cpu,
+    return {"provider": spec.provider, "threads": spec.threads, "thread_spinning": True, "onnxruntime": ort.__version__, "cpu": cpu,
             "machine": platform.machine(), "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth,
             "batch": spec.batch, "gen_len": spec.gen_len, "prompt_lens": list(spec.prompt_lens), "repeat": spec.repeat,
             "warmup": spec.warmup, "workers": ready, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -22,10 +22,11 @@ class PackageError(ValueError):
     """The folder or file is not a usable decoder graph (torch-free code, so not an AmpEdgeError)."""
 
 
-def session_options(threads: int | None = None, level: str = "all", spin: bool = False) -> ort.SessionOptions:
-    """``spin``: ORT's worker threads busy-wait between ops. Off by default: on a 2-core box that also ran other work,
-    spinning made decode 1.5-2.4x slower (dense SmolLM2 fp32: 25-40 vs 16.5-21 ms/token) and an app on a device
-    shares its cores too."""
+def session_options(threads: int | None = None, level: str = "all", spin: bool = True) -> ort.SessionOptions:
+    """``spin``: ORT's worker threads busy-wait between ops (ORT's default). Measured on dense SmolLM2 (2 threads):
+    on an idle 2-core box spinning is faster (fp32 13.2-14.8 vs 14.7-15.2 ms/token, int4 4.9-5.6 vs 7.1-7.4); on the
+    same box shared with other work it is slower (fp32 25-40 vs 16.5-21). ``spin=False`` for devices whose cores are
+    shared with the app."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

@@ -72,8 +72,8 @@ def test_bad_input(packages, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_sessions_do_not_spin_unless_asked():
+def test_thread_spinning_is_a_choice():
     from runtime_bench.generate import session_options
 
-    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(2, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
