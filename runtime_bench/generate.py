@@ -6,6 +6,7 @@ The graph's own input shapes say how many KV heads each layer has, so per-layer 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,9 @@ class OnnxDecoder:
     """One inference session over a decoder graph with inputs input_ids/attention_mask/position_ids/past_*."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 options: ort.SessionOptions | None = None):
+                 options: ort.SessionOptions | None = None, share_buffer: bool | None = None):
+        """``share_buffer``: decode into one max-length cache buffer bound as both past and present (GroupQueryAttention
+        writes each new key in place); None: what the package's genai_config.json says (true for all-GQA graphs)."""
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
@@ -75,6 +78,7 @@ class OnnxDecoder:
         # The KV cache stays in ONNX Runtime's memory (on the GPU with CUDA): each step's present tensors are
         # bound as the next step's past, never copied through numpy.
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.share_buffer = _genai_share_buffer(model.parent) if share_buffer is None else share_buffer
 
     @property
     def num_layers(self) -> int:
@@ -92,10 +96,16 @@ class OnnxDecoder:
                 total += int(np.prod(a.shape())) * np.dtype(self.kv_dtype).itemsize
         return total
 
+    def shared_cache(self, batch: int, capacity: int) -> list:
+        """Zeroed (batch, kv_heads, capacity, head_dim) buffers for ``share_buffer`` decoding, on the session's device."""
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, capacity, self.head_dim), self.kv_dtype), self.device, 0)
+                for h in self.kv_heads for _ in range(2)]
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: Sequence) -> tuple[np.ndarray, list]:
+             cache: Sequence, shared: bool = False) -> tuple[np.ndarray, list]:
         """One forward pass. ``cache`` is numpy arrays or the OrtValues a previous step returned; the new cache
-        comes back as OrtValues that stay where ONNX Runtime put them (no copy through numpy)."""
+        comes back as OrtValues that stay where ONNX Runtime put them (no copy through numpy). ``shared``: ``cache``
+        is ``shared_cache`` buffers, bound as the outputs too, and comes back as it went in, updated in place."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -106,11 +116,14 @@ class OnnxDecoder:
                 value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for i, name in enumerate(self.present_names):
+            if shared:
+                binding.bind_ortvalue_output(name, cache[i])
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return outs[0].numpy(), list(outs[1:])
+        return outs[0].numpy(), list(cache) if shared else list(outs[1:])
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
                  eos_token_ids: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None,
@@ -128,14 +141,15 @@ class OnnxDecoder:
         batch = input_ids.shape[0]
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        cache = self.empty_cache(batch)
+        shared = self.share_buffer and bool(self.past_names)
+        cache = self.shared_cache(batch, input_ids.shape[1] + max_new_tokens) if shared else self.empty_cache(batch)
         done = np.zeros(batch, dtype=bool)
         eos = np.asarray(list(eos_token_ids), dtype=np.int64)
         ids = input_ids
         prev = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            logits, cache = self.step(ids, mask, positions, cache)
+            logits, cache = self.step(ids, mask, positions, cache, shared)
             # a right-padded prompt's next token comes from its last real position, not from the padding
             last = logits[np.arange(batch), last_real(mask)] if step == 0 else logits[:, -1, :]
             token = last.argmax(-1).astype(np.int64)
@@ -158,6 +172,13 @@ class OnnxDecoder:
             ids = token[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
+
+
+def _genai_share_buffer(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def last_real(mask: np.ndarray) -> np.ndarray:

@@ -122,6 +122,7 @@ def test_chat_ctrl_c_at_the_prompt_exits_130(built):
         if select.select([proc.stdout], [], [], 1)[0]:
             seen += os.read(proc.stdout.fileno(), 1024)
     proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)  # before communicate(), which closes stdin: an EOF that won the race would end it with 0
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and (seen + out).endswith(b"> \n") and b"Traceback" not in err, (seen, out, err)
 

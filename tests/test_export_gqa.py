@@ -100,6 +100,12 @@ def test_fp32_parity_right_padded_prefill_and_decode(tmp_path, family):
             for _ in range(6):  # PyTorch greedy without a cache or EOS handling: the plainest reference
                 seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
         assert got[row, ids.shape[1]:].tolist() == seq[0, n:].tolist(), row
+    # that generation decoded into one shared max-length buffer per layer (the package's genai_config says so);
+    # appending to the cache instead gives the same tokens
+    assert decoder.share_buffer and decoder.last_cache[0].shape() == [2, decoder.kv_heads[0], ids.shape[1] + 6, decoder.head_dim]
+    appending = OnnxDecoder(tmp_path / "pkg", share_buffer=False)
+    assert (appending.generate(ids, 6, attention_mask=mask) == got).all()
+    assert appending.last_cache[0].shape()[2] == ids.shape[1] + 5  # the last token's keys are never computed
 
 
 def test_layer_without_gqa_fallback_to_plain_attention(tmp_path, monkeypatch):
