@@ -114,15 +114,17 @@ def test_chat_bad_input_is_one_line(built, tmp_path):
 
 def test_chat_ctrl_c_at_the_prompt_exits_130(built):
     _, package = built["phi3"]
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`) ignores SIGINT,
+    # and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, str(CHAT), str(package)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.monotonic() + 60
     while not seen.endswith(b"> ") and time.monotonic() < deadline:  # wait until it asks for input
         if select.select([proc.stdout], [], [], 1)[0]:
             seen += os.read(proc.stdout.fileno(), 1024)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)  # before communicate(), which closes stdin: an EOF that won the race would end it with 0
+    proc.wait(timeout=30)  # before communicate(), which closes stdin
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and (seen + out).endswith(b"> \n") and b"Traceback" not in err, (seen, out, err)
 
