@@ -52,6 +52,9 @@ def test_uniform_package_contents(tmp_path, family):
     assert manifest["pruned"] and manifest["uniform"] and manifest["params"]["after"] < manifest["params"]["before"]
     assert manifest["file_sizes"]["model.onnx.data"] > 0 and manifest["plan"]["criterion"] == "random"
     assert json.loads((pkg / "config.json").read_text())["head_dim"] == load_model(str(src)).model.config.head_dim
+    # greedy is do_sample=False with the model's own top_k (genai's top_k=1 path costs ~2 ms/token)
+    search = json.loads((pkg / "genai_config.json").read_text())["search"]
+    assert search["do_sample"] is False and search["top_k"] == 50 and search["top_p"] == 1.0
 
 
 def test_dense_export_with_ratio_zero_and_prune_in_one_command(tmp_path):
