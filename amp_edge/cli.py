@@ -208,6 +208,7 @@ def export_cmd(
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8)."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute."),
     int8_scheme: str = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger)."),
+    embedding: str = typer.Option("shared", help="int4/int8 with tied embeddings: shared (rows read from the quantized LM head, one copy) | fp16 (a separate fp16 table)."),
     external_data: bool = typer.Option(True, "--external-data/--single-file", help="Weights in model.onnx.data (default; less memory) or in model.onnx when under 2 GB."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ONNX Runtime against PyTorch (default on)."),
     min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55)."),
@@ -235,7 +236,7 @@ def export_cmd(
         prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len)),
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, optimize, attention),
-        quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme),
+        quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme, embedding=embedding),
         validate=validate, min_top1=min_top1, max_abs_diff=max_abs_diff, external_data=external_data, trust_remote_code=trust_remote_code,
     )
     result = export(model, out, opts, overwrite=overwrite)

@@ -92,7 +92,8 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
         with atomic_dir(out, overwrite) as tmp:
             _write_side_files(loaded, tmp)
             # PyTorch's part ends with the trace (references were taken above): its weights are freed then
-            files, inputs = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts)
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            files, inputs = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts, tied)
             _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
             parity = _validate(refs, tmp, opts)
             manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
@@ -124,10 +125,10 @@ def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan |
     return loaded, result.plan, result.params_before
 
 
-def _write_graph(graph, folder: Path, opts: ExportOptions) -> tuple[list[Path], set[str]]:
+def _write_graph(graph, folder: Path, opts: ExportOptions, tied: bool) -> tuple[list[Path], set[str]]:
     """Quantize and save ``graph`` (the only reference to it, so the fp32 graph goes as soon as it can)."""
     inputs = {i.name for i in graph.graph.input}
-    graph = quantize(graph, opts.quant)
+    graph = quantize(graph, opts.quant, tied)
     files = save_graph(graph, folder / "model.onnx", opts.external_data)
     del graph
     release_memory()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from amp_edge.errors import InvalidOptionError
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 INT8_SCHEMES = ("weight-only", "dynamic")
+EMBEDDINGS = ("shared", "fp16")
 MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
 
 
@@ -22,6 +24,9 @@ class QuantSpec:
     keep_8bit: tuple[str, ...] = ()  # MatMuls (module-name fragments) kept at 8 bits in an int4 graph
     int8_scheme: str = "weight-only"
     symmetric: bool = False  # zero points: top-1 agreement 0.645 vs 0.617 symmetric on SmolLM2-135M int4
+    # tied embeddings in int4/int8 graphs: "shared" gathers rows from the quantized LM head (GatherBlockQuantized,
+    # one copy of the table), "fp16" keeps a separate fp16 table (more bytes, exact rows)
+    embedding: str = "shared"
 
     def check(self, opset: int) -> None:
         if self.dtype not in DTYPES:
@@ -32,6 +37,8 @@ class QuantSpec:
             raise InvalidOptionError(f"block size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InvalidOptionError(f"accuracy level must be 0..4, got {self.accuracy_level}")
+        if self.embedding not in EMBEDDINGS:
+            raise InvalidOptionError(f"unknown embedding storage {self.embedding!r}; choose from {', '.join(EMBEDDINGS)}")
         if self.keep_8bit and self.dtype != "int4":
             raise InvalidOptionError(f"--keep-8bit applies to int4 only, not {self.dtype}")
         if self.dtype in ("int4", "int8") and opset < MIN_QUANT_OPSET:
@@ -40,7 +47,8 @@ class QuantSpec:
     def to_dict(self) -> dict:
         d = {"dtype": self.dtype}
         if self.dtype in ("int4", "int8"):
-            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric)
+            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
+                     embedding=self.embedding)
         if self.dtype == "int8":
             d["int8_scheme"] = self.int8_scheme
         if self.keep_8bit:
@@ -64,7 +72,8 @@ def select(names: list[str], fragments: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def quantize(graph: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
+def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False) -> onnx.ModelProto:
+    """``tied``: the token embedding and the LM head are one tensor in the model (tie_word_embeddings)."""
     if spec.dtype == "fp32":
         return graph
     if spec.dtype == "fp16":
@@ -73,13 +82,17 @@ def quantize(graph: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
         return _dynamic_int8(graph)
     if spec.dtype == "int8":
         graph = _nbits(graph, spec, 8, exclude=[])
-        half_embeddings(graph)
-        return graph
+        return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
     graph = _nbits(graph, spec, 4, exclude=kept)
     if kept:
         graph = _nbits(graph, spec, 8, exclude=[n for n in matmul_names(graph) if n not in kept])
-    half_embeddings(graph)
+    return _embeddings(graph, spec, tied)
+
+
+def _embeddings(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
+    if not (tied and spec.embedding == "shared" and share_tied_embedding(graph, spec.block_size)):
+        half_embeddings(graph)
     return graph
 
 
@@ -137,3 +150,45 @@ def half_embeddings(graph: onnx.ModelProto) -> int:
         cast = helper.make_node("Cast", [out + "_fp16"], [out], to=onnx.TensorProto.FLOAT, name=node.name + "_cast_fp32")
         graph.graph.node.insert(list(graph.graph.node).index(node) + 1, cast)
     return saved
+
+
+def share_tied_embedding(graph: onnx.ModelProto, block_size: int) -> bool:
+    """Gather token rows from the quantized LM head instead of a separate table; True when done.
+
+    With tied embeddings the table is the LM head's weight, which MatMulNBits already holds as N=vocab rows of
+    K=hidden quantized values: GatherBlockQuantized reads rows of it directly (the model builder's layout), so
+    the package keeps one 4-bit copy instead of a 4-bit head plus an fp16 table (SmolLM2-135M: 56 MB less).
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.graph.initializer}
+    head = next((n for n in graph.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    gathers = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if head is None or len(gathers) != 1:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    gather, table = gathers[0], inits[gathers[0].input[0]]
+    vocab, hidden = table.dims
+    if (attrs["N"], attrs["K"]) != (vocab, hidden) or hidden % attrs["block_size"] or attrs["bits"] not in (4, 8):
+        return False
+    blocks = hidden // attrs["block_size"]
+
+    def as_matrix(name: str, cols: int) -> str:
+        """A (vocab, cols) view of one of the head's tensors; ONNX Runtime folds the Reshape at load."""
+        shape = f"{name}_rows_shape"
+        graph.graph.initializer.append(numpy_helper.from_array(np.array([vocab, cols], dtype=np.int64), shape))
+        graph.graph.node.insert(0, helper.make_node("Reshape", [name, shape], [f"{name}_rows"], name=f"{name}_as_rows"))
+        return f"{name}_rows"
+
+    inputs = [as_matrix(head.input[1], hidden * attrs["bits"] // 8), gather.input[1], as_matrix(head.input[2], blocks)]
+    if len(head.input) > 3 and head.input[3]:  # zero points: packed like the weights, ceil(blocks * bits / 8) bytes a row
+        inputs.append(as_matrix(head.input[3], -(-blocks * attrs["bits"] // 8)))
+    shared = helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=gather.name + "_quantized",
+                              domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=attrs["block_size"],
+                              bits=attrs["bits"])
+    nodes = list(graph.graph.node)
+    graph.graph.node.insert(nodes.index(gather), shared)
+    graph.graph.node.remove(gather)
+    if not any(table.name in n.input for n in graph.graph.node):
+        graph.graph.initializer.remove(table)
+    return True

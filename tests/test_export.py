@@ -181,3 +181,57 @@ def test_cli_export(tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--dtype", "int3", "--out", str(tmp_path / "p2")])
     assert r.exit_code == 2 and "unknown dtype" in r.output
+
+
+@pytest.mark.parametrize("dtype,symmetric", [("int4", False), ("int4", True), ("int8", False)])
+def test_shared_embedding_rows_equal_the_quantized_head(dtype, symmetric):
+    """GatherBlockQuantized reads the LM head's quantized weights: row v of the lookup is column v of the head."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.quantize import quantize
+
+    vocab, hidden = 96, 64
+    table = np.random.default_rng(0).standard_normal((vocab, hidden)).astype(np.float32)
+    graph = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("MatMul", ["h", "head"], ["logits"])],
+        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None]),
+                 helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, hidden])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, hidden]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, vocab])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "head")]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    untied_graph = onnx.ModelProto()
+    untied_graph.CopyFrom(graph)  # the quantizer rewrites its input in place
+    q = quantize(graph, QuantSpec(dtype, symmetric=symmetric), tied=True)
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert "table" not in {t.name for t in q.graph.initializer}  # one copy of the weights
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    # one-hot activations are exact in the int8 compute path, so the head's output is its dequantized weight
+    rows, logits = sess.run(None, {"ids": np.arange(vocab), "h": np.eye(hidden, dtype=np.float32)})
+    np.testing.assert_allclose(rows, logits.T, atol=1e-5)
+    assert 0 < np.abs(rows - table).max() < (0.5 if dtype == "int4" else 0.05)  # quantized, and close to the table
+    # an untied graph keeps its own (fp16) table
+    untied = quantize(untied_graph, QuantSpec(dtype, symmetric=symmetric), tied=False)
+    assert "GatherBlockQuantized" not in [n.op_type for n in untied.graph.node]
+
+
+def test_int4_export_of_a_tied_model_keeps_one_copy_of_the_embedding(tmp_path):
+    from tests.tiny import char_tokenizer, tiny_model
+
+    model = tiny_model("llama-gqa")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "dense", safe_serialization=True)
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    shared = export(str(tmp_path / "dense"), tmp_path / "shared", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0.2))
+    fp16 = export(str(tmp_path / "dense"), tmp_path / "fp16",
+                  ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="fp16"), min_top1=0.2))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "shared" / "model.onnx")).graph.node}
+    assert "GatherBlockQuantized" in ops
+    # the fp16 table (128 x 64 x 2 bytes) is gone; the 4-bit head is read twice
+    assert fp16.manifest["onnx_bytes"] - shared.manifest["onnx_bytes"] >= 128 * 64 * 2 - 1024
+    assert shared.manifest["parity"]["ok"] and shared.manifest["quantization"]["embedding"] == "shared"
+    with pytest.raises(InvalidOptionError, match="unknown embedding storage 'int2'"):
+        export(str(tmp_path / "dense"), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="int2")))
