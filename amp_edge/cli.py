@@ -50,6 +50,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
 
 
 _REC = "Recovery (after pruning)"
+_REFIT = "Refit (after pruning)"
 
 
 @app.command()
@@ -75,6 +76,10 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    refit: bool = typer.Option(False, "--refit", help="After pruning, refit o_proj and down_proj by least squares so the kept heads and neurons reproduce the dense layer outputs on calibration data.", rich_help_panel=_REFIT),
+    refit_samples: int = typer.Option(128, help="Calibration samples for the refit (from --calib).", rich_help_panel=_REFIT),
+    refit_seq_len: int = typer.Option(256, help="Tokens per refit sample.", rich_help_panel=_REFIT),
+    refit_damp: float = typer.Option(3e-4, help="Ridge term, a fraction of the mean input energy.", rich_help_panel=_REFIT),
     recover: Optional[str] = typer.Option(None, help="Train the pruned model to recover: distill (from the dense model) | lora.", rich_help_panel=_REC),
     recover_steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=_REC),
     recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source).", rich_help_panel=_REC),
@@ -88,6 +93,7 @@ def prune(
     recover_clip: float = typer.Option(1.0, help="Gradient norm clip (0: none).", rich_help_panel=_REC),
     recover_temperature: float = typer.Option(1.0, help="distill: softmax temperature.", rich_help_panel=_REC),
     recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
+    recover_precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast, fp32 master weights: ~2.7x faster on CPUs with AMX/AVX512-BF16).", rich_help_panel=_REC),
     recover_freeze_embeddings: bool = typer.Option(False, "--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", rich_help_panel=_REC),
     lora_r: int = typer.Option(8, help="lora: rank.", rich_help_panel=_REC),
     lora_alpha: float = typer.Option(16.0, help="lora: scale numerator (scale = alpha / r).", rich_help_panel=_REC),
@@ -100,14 +106,16 @@ def prune(
     from .pipeline import PruneOptions
     from .pipeline import prune as run_prune
     from .recovery import RecoverySpec
+    from .refit import RefitSpec
 
     spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
-    opts = PruneOptions(ratio, criterion, allocation, gqa, min_keep, normalization, spec, seed)
+    opts = PruneOptions(ratio, criterion, allocation, gqa, min_keep, normalization, spec, seed,
+                        RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None)
     recovery = None if recover is None else RecoverySpec(
         method=recover, steps=recover_steps, data=recover_data, field=recover_field, lr=recover_lr, batch_size=recover_batch_size,
         micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed, warmup_steps=recover_warmup,
         schedule=recover_schedule, max_grad_norm=recover_clip, temperature=recover_temperature, ce_weight=recover_ce_weight,
-        freeze_embeddings=recover_freeze_embeddings, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        freeze_embeddings=recover_freeze_embeddings, precision=recover_precision, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every)
     result = run_prune(model, out, opts, plan_path=plan, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
                        recovery=recovery)
@@ -126,6 +134,9 @@ def _print_summary(result) -> None:
     out.print(table)
     removed = 1 - result.params_after / result.params_before
     out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s")
+    if result.refit:
+        f = result.refit
+        out.print(f"refitted o_proj and down_proj on {f['tokens']:,} tokens of {f['source']} in {f['seconds']:.0f} s")
     if result.recovery:
         r = result.recovery
         out.print(f"recovered with {r['method']}: {r['steps']} steps on {r['data']}, loss {r['first_loss']:.4f} → {r['final_loss']:.4f} in {r['seconds']:.0f} s")
@@ -220,6 +231,7 @@ def export_cmd(
     calib_samples: int = typer.Option(32, help="Calibration samples."),
     calib_seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
     plan: Optional[Path] = typer.Option(None, help="Apply a saved plan instead of scoring."),
+    refit: bool = typer.Option(False, "--refit", help="When --ratio > 0: least-squares refit of o_proj/down_proj after pruning (see prune --refit)."),
     overwrite: bool = typer.Option(False, help="Replace an existing package folder."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
@@ -229,11 +241,13 @@ def export_cmd(
 
     from .calibration import CalibrationSpec
     from .pipeline import PruneOptions
+    from .refit import RefitSpec
 
     keep = tuple(k.strip() for k in keep_8bit.split(",") if k.strip()) if keep_8bit else ()
     opts = ExportOptions(
         ratio=ratio,
-        prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len)),
+        prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len),
+                           refit=RefitSpec() if refit else None),
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, optimize, attention),
         quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme, embedding=embedding),

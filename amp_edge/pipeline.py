@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from .adapters import get_adapter, supported_model_types
 from .allocation import check_options, allocate
 from .calibration import CalibrationSpec, calibration_batches
@@ -19,6 +21,7 @@ from .memory import release_memory
 from .plan import PruningPlan
 from .recovery import RECOVERY_FILE, RecoverySpec, recover
 from .recovery_data import recovery_rows, recovery_texts
+from .refit import RefitSpec, load_refitted, refit_weights
 from .scoring import criteria, needs_calibration, score
 from .sources import LoadedModel, load_model, resolve
 from .surgery import apply_plan, count_parameters, needs_load_pruned
@@ -37,11 +40,12 @@ class PruneOptions:
     normalization: str = "mean"
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     seed: int = 0
+    refit: RefitSpec | None = None  # least-squares refit of o_proj/down_proj after pruning (amp_edge.refit)
 
     def check(self) -> None:
-        from .errors import InvalidOptionError
-
         check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
+        if self.refit is not None:
+            self.refit.check()
         if self.criterion not in criteria():
             raise InvalidOptionError(f"unknown criterion {self.criterion!r}; choose from {', '.join(criteria())}")
         if needs_calibration(self.criterion):
@@ -58,6 +62,7 @@ class PruneResult:
     out: str | None = None
     per_layer: bool = False  # True: the config carries per-layer sizes, load with amp_edge.load_pruned
     recovery: dict | None = None  # what recovery training ran (RecoveryResult.to_dict()), if any
+    refit: dict | None = None  # what the least-squares refit used (RefitSpec, tokens, seconds), if it ran
 
     def to_dict(self) -> dict:
         return {
@@ -66,8 +71,15 @@ class PruneResult:
             "params_before": self.params_before, "params_after": self.params_after,
             "params_removed_fraction": 1 - self.params_after / self.params_before,
             "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
+            **({"refit": self.refit} if self.refit else {}),
             **({"recovery": self.recovery} if self.recovery else {}),
         }
+
+    def after_pruning(self) -> dict | None:
+        """What changed the weights after the plan was applied (saved as amp_edge_recovery.json), or None."""
+        if not (self.refit or self.recovery):
+            return None
+        return {**(self.recovery or {}), **({"refit": self.refit} if self.refit else {})}
 
 
 def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
@@ -103,7 +115,8 @@ def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: st
         recovery = replace(recovery, resume_dir=str(state_dir), restart_on_mismatch=True)
     loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery)
     if out is not None:
-        extra = {RECOVERY_FILE: result.recovery} if result.recovery else None
+        after = result.after_pruning()
+        extra = {RECOVERY_FILE: after} if after else None
         save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite, extra=extra)
         result.out = str(out)
         if state_dir is not None:
@@ -122,6 +135,8 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     plan = PruningPlan.load(plan_path) if plan_path else None
     if plan is None:
         opts.check()
+    elif opts.refit is not None:
+        opts.refit.check()
     if recovery is not None and recovery.data is None:
         recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
@@ -138,18 +153,35 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
                              loaded.model, recovery.self_samples, recovery.batch_size)
         teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None
+        if teacher is not None and recovery.precision == "bf16":
+            teacher.to(torch.bfloat16)  # it only runs under bf16 autocast: half the memory, no per-step weight casts
+    refitted = _refit(loaded, adapter, plan, opts) if opts.refit is not None else None
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, plan)
+    if refitted is not None:
+        load_refitted(adapter, refitted[0])
     params_after = count_parameters(loaded.model)
     plan.params = {"before": params_before, "after": params_after}
     result = PruneResult(plan, _layer_summary(before_shapes, adapter), params_before, params_after,
                          time.perf_counter() - start, None, needs_load_pruned(loaded.model.config))
+    result.refit = refitted[1] if refitted is not None else None
     if recovery is not None:
         result.recovery = recover(loaded.model, teacher, loaded.tokenizer, recovery, data=rows).to_dict()
         del teacher
         release_memory()
         result.seconds = time.perf_counter() - start
     return loaded, result
+
+
+def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):
+    """Refitted output projections for ``plan`` (from the dense model) and a record of the fit."""
+    start = time.perf_counter()
+    spec = replace(opts.calibration, num_samples=opts.refit.num_samples, seq_len=opts.refit.seq_len)
+    batches = calibration_batches(spec, loaded.model, loaded.tokenizer)
+    weights = refit_weights(adapter, plan, batches, opts.refit.damp)
+    info = {**opts.refit.to_dict(), "source": spec.source, "tokens": sum(b.numel() for b in batches),
+            "seconds": round(time.perf_counter() - start, 1)}
+    return weights, info
 
 
 def _check_recovery(recovery: RecoverySpec | None, dtype: str) -> list[str] | None:

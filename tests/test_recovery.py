@@ -73,6 +73,33 @@ def test_distillation_lowers_kl_to_teacher_on_held_out_text(rows, family, alloca
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_distillation_loss_equals_autograd_kl(temperature):
+    from amp_edge.recovery import _KLToTeacher
+
+    gen = torch.Generator().manual_seed(0)
+    s = (torch.randn(300, 50, generator=gen) * 3).requires_grad_(True)  # 300 rows: more than one block of 128
+    t = torch.randn(300, 50, generator=gen) * 3
+    ref_s = s.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.kl_div((ref_s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
+                                     log_target=True, reduction="sum")
+    ref.backward()
+    got = _KLToTeacher.apply(s, t, temperature)
+    got.backward()
+    assert abs(got.item() - ref.item()) < 1e-4 * ref.item()
+    assert torch.allclose(s.grad, ref_s.grad, atol=1e-6)
+
+
+def test_bf16_distillation_lowers_kl_and_keeps_fp32_weights(rows):
+    dense, student = _pruned("llama")
+    train, held_out = rows[:-8], rows[-8:]
+    before = kl_to_teacher(student, dense, held_out)
+    teacher = copy.deepcopy(dense).to(torch.bfloat16)  # what prune() hands recover() for precision bf16
+    recover(student, teacher, char_tokenizer(), _spec("distill", steps=20, precision="bf16"), data=train, progress=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert kl_to_teacher(student, dense, held_out) < 0.6 * before
+
+
 def test_distillation_can_freeze_tied_embeddings(rows):
     dense, student = _pruned("llama")
     student.config.tie_word_embeddings = True
@@ -192,7 +219,8 @@ def test_data_files_alpaca_jsonl_txt(tmp_path):
 def test_spec_check_names_the_bad_value():
     for kw, match in [({"method": "prune"}, "'prune'; choose from distill, lora"), ({"steps": 0}, "steps must be >= 1, got 0"),
                       ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"lora_dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-                      ({"warmup_steps": 12}, "warmup steps must be in"), ({"schedule": "step"}, "'step'; choose from cosine, linear")]:
+                      ({"warmup_steps": 12}, "warmup steps must be in"), ({"schedule": "step"}, "'step'; choose from cosine, linear"),
+                      ({"precision": "fp8"}, "'fp8'; choose from fp32, bf16")]:
         with pytest.raises(InvalidOptionError, match=match):
             RecoverySpec(**{"method": "lora", "steps": 10, **kw}).check()
 
