@@ -82,7 +82,7 @@ def prune(
     refit_damp: float = typer.Option(3e-4, help="Ridge term, a fraction of the mean input energy.", rich_help_panel=_REFIT),
     recover: Optional[str] = typer.Option(None, help="Train the pruned model to recover: distill (from the dense model) | lora.", rich_help_panel=_REC),
     recover_steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=_REC),
-    recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source).", rich_help_panel=_REC),
+    recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source); several joined by commas are mixed.", rich_help_panel=_REC),
     recover_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_REC),
     recover_lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4 distill, 3e-4 lora).", rich_help_panel=_REC),
     recover_batch_size: int = typer.Option(8, help="Sequences per step.", rich_help_panel=_REC),

@@ -28,6 +28,11 @@ def release_memory() -> None:
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand free heap pages back to the OS (no garbage collection: cheap enough to call in a loop)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

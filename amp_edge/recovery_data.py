@@ -30,7 +30,14 @@ def is_file_source(source: str) -> bool:
 
 
 def recovery_texts(source: str, field: str | None = None, max_docs: int | None = None) -> list[str] | None:
-    """The documents of ``source``; None for ``self`` (generated later by the dense model)."""
+    """The documents of ``source``; None for ``self`` (generated later by the dense model).
+
+    Several sources joined by commas are mixed (their documents pooled, then shuffled when packed)."""
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    if len(parts) > 1:
+        if SELF in parts:
+            raise RecoveryError(f"recovery data 'self' cannot be mixed with other sources, got {source!r}")
+        return [t for part in parts for t in recovery_texts(part, field, max_docs)]
     if source == SELF:
         return None
     if is_file_source(source):

@@ -167,10 +167,14 @@ def plan_rows(args) -> list[dict]:
 
 
 def recipe_label(recipe: str) -> str:
-    """'distill 120 x c4_demo' from the recipe's options."""
+    """'refit + distill 120 x c4_demo+alpaca_en_demo' from the recipe's options."""
     opts = shlex.split(recipe)
     value = lambda flag, default: opts[opts.index(flag) + 1] if flag in opts[:-1] else default  # noqa: E731
-    return f"{value('--recover', '?')} {value('--recover-steps', '')} x {Path(value('--recover-data', 'calib')).stem}"
+    parts = ["refit"] if "--refit" in opts else []
+    if "--recover" in opts:
+        data = "+".join(Path(d).stem for d in value("--recover-data", "calib").split(","))
+        parts.append(f"{value('--recover', '?')} {value('--recover-steps', '')} x {data}")
+    return " + ".join(parts) or "?"
 
 
 def _benched(bench_dir: Path) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from amp_edge.adapters import get_adapter
 from amp_edge.errors import InvalidOptionError
+from amp_edge.memory import trim_heap
 
 ATTENTION_MODES = ("auto", "gqa", "sdpa")
 GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Llama's layout (and Phi-3's fused one)
@@ -231,6 +232,7 @@ def gqa_attention(model: nn.Module, layers: list[int], pack_mlp: bool = True):
             if pack_mlp and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
                 originals.append((layer, adapter.mlp_name, mlp))
                 setattr(layer, adapter.mlp_name, PackedMLP(mlp))
+            trim_heap()  # packing freed this layer's per-projection tensors (heap-sized): return them now
         state.replaced = [m for _, _, m in originals]
         yield state
     finally:

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.external_data_helper
 import torch
@@ -38,6 +39,8 @@ class GraphSpec:
 def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_weights: bool = False) -> onnx.ModelProto:
     """Trace ``model`` in ``folder`` (scratch space) and return the graph, fused as ``spec.optimize`` says.
 
+    The graph's weights stay in scratch files in ``folder`` (external data): ``materialize_weights`` reads them in.
+
     Memory matters here (the target is under 3x the fp32 weights). The trace is taken without its
     weights (they become graph inputs, so the tracer never serializes a copy of them); each weight is then
     streamed from the PyTorch tensor into a scratch file, the fusions run on the weight-free graph, and
@@ -53,19 +56,49 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     _bind_weights(graph, stored)
     fold_weight_transposes(graph, folder, "weights_t.bin")
     if spec.optimize == "fuse":
-        with _working_dir(folder):  # the optimizer's shape inference resolves weights.bin relative to the cwd
+        with working_dir(folder):  # the optimizer's shape inference resolves weights.bin relative to the cwd
             graph = fuse(graph)
         trim_rotary_caches(graph, getattr(model.config, "max_position_embeddings", None))
     release_memory()
-    onnx.external_data_helper.load_external_data_for_model(graph, str(folder))
-    for f in (folder / "weights.bin", folder / "weights_t.bin"):
-        f.unlink(missing_ok=True)
     return graph
+
+
+SCRATCH_FILES = ("weights.bin", "weights_t.bin")
+_CHUNK = 16 << 20  # bytes read at a time when materializing a weight
+
+
+def materialize_weights(graph: onnx.ModelProto, folder: Path) -> None:
+    """Read every weight still in ``folder``'s scratch files into the graph, then delete those files.
+
+    Weights stay on disk until the dtype pass is done, so quantization reads one weight at a time and never holds
+    the fp32 graph whole. A tensor that the fp16 conversion relabelled FLOAT16 still has fp32 bytes on disk: it is
+    cast here, chunk by chunk (clipped to fp16's finite range, as ORT's converter does).
+    """
+    for t in graph.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        to_half = t.data_type == onnx.TensorProto.FLOAT16 and length == 4 * int(np.prod(t.dims, dtype=np.int64))
+        out = bytearray()
+        with open(folder / info["location"], "rb") as f:
+            f.seek(offset)
+            for start in range(0, length, _CHUNK):
+                chunk = f.read(min(_CHUNK, length - start))
+                if to_half:
+                    chunk = np.clip(np.frombuffer(chunk, np.float32), -65504, 65504).astype(np.float16).tobytes()
+                out += chunk
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = bytes(out)
+    for name in SCRATCH_FILES:
+        (folder / name).unlink(missing_ok=True)
 
 
 def _trace(model, step: DecoderStep, layout, folder: Path, spec: GraphSpec, release_weights: bool,
            replaced) -> dict[str, onnx.TensorProto]:
     """Write the weights to a scratch file and trace ``step`` without them; returns the weights' initializers."""
+    release_memory()  # packing q|k|v and gate|up freed the per-projection tensors: give their heap pages back
     tensors = dict(step.named_parameters(remove_duplicate=False))
     tensors.update(step.named_buffers(remove_duplicate=False))
     stored = _write_tensors(tensors, folder / "weights.bin")
@@ -91,7 +124,8 @@ def _trace(model, step: DecoderStep, layout, folder: Path, spec: GraphSpec, rele
 
 
 @contextlib.contextmanager
-def _working_dir(folder: Path):
+def working_dir(folder: Path):
+    """Run with ``folder`` as the cwd: tools that read external weights resolve their paths relative to it."""
     before = os.getcwd()
     os.chdir(folder)
     try:
@@ -119,7 +153,7 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, on
             key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)  # same memory, same view: a tied weight
             if key not in written:
                 written[key] = (sink.tell(), array.nbytes)
-                sink.write(array.tobytes())
+                sink.write(array.reshape(-1).view(np.uint8).data)  # the tensor's own buffer, no bytes copy
             offset, length = written[key]
             stored[name] = _external(name, np_dtype_to_tensor_dtype(array.dtype), array.shape, path.name, offset, length)
     return stored

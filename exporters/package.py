@@ -25,7 +25,7 @@ from runtime_bench.generate import OnnxDecoder, session_options
 
 from .attention import check_mode, gqa_layers
 from .genai import genai_config
-from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, save_graph
+from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
 from .quantize import QuantSpec, quantize
 from .validate import compare, reference
 from .wrapper import kv_layout
@@ -128,7 +128,8 @@ def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan |
 def _write_graph(graph, folder: Path, opts: ExportOptions, tied: bool) -> tuple[list[Path], set[str]]:
     """Quantize and save ``graph`` (the only reference to it, so the fp32 graph goes as soon as it can)."""
     inputs = {i.name for i in graph.graph.input}
-    graph = quantize(graph, opts.quant, tied)
+    graph = quantize(graph, opts.quant, tied, weights_dir=folder)
+    materialize_weights(graph, folder)
     files = save_graph(graph, folder / "model.onnx", opts.external_data)
     del graph
     release_memory()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from amp_edge.errors import InvalidOptionError
+
+from .graph import materialize_weights, working_dir
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 INT8_SCHEMES = ("weight-only", "dynamic")
@@ -72,14 +76,26 @@ def select(names: list[str], fragments: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False) -> onnx.ModelProto:
-    """``tied``: the token embedding and the LM head are one tensor in the model (tie_word_embeddings)."""
+def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False, weights_dir: Path | None = None) -> onnx.ModelProto:
+    """``tied``: the token embedding and the LM head are one tensor in the model (tie_word_embeddings).
+
+    ``weights_dir``: where the graph's external weights lie (export's scratch files). They are read one at a time
+    (the weight-only quantizers) or not at all (fp16 relabels them; ``materialize_weights`` casts them), so the
+    fp32 weights are never all in memory; the caller materializes the rest afterwards.
+    """
     if spec.dtype == "fp32":
         return graph
     if spec.dtype == "fp16":
         return to_fp16(graph)
     if spec.dtype == "int8" and spec.int8_scheme == "dynamic":
+        if weights_dir is not None:
+            materialize_weights(graph, weights_dir)  # quantize_dynamic re-saves the model: it needs the weights inline
         return _dynamic_int8(graph)
+    with working_dir(weights_dir) if weights_dir is not None else contextlib.nullcontext():
+        return _weight_only(graph, spec, tied)
+
+
+def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
     if spec.dtype == "int8":
         graph = _nbits(graph, spec, 8, exclude=[])
         return _embeddings(graph, spec, tied)
@@ -107,16 +123,39 @@ def _nbits(graph: onnx.ModelProto, spec: QuantSpec, bits: int, exclude: list[str
 
 
 def to_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights, activations and KV cache; ops without fp16 kernels stay fp32 behind casts."""
+    """fp16 weights, activations and KV cache; ops without fp16 kernels stay fp32 behind casts.
+
+    Weights still on disk (external) are shown to ORT's converter as typed graph inputs: it needs their types,
+    not their values (it would read each one just for its shape). They come back as initializers labelled with
+    the type the converter gave them; ``materialize_weights`` casts the FLOAT16 ones while reading them.
+    """
+    from onnx import helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(graph, keep_io_types=False, disable_shape_infer=True)
+    on_disk = []
+    for t in graph.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT:
+            on_disk.append(onnx.TensorProto())
+            on_disk[-1].CopyFrom(t)
+    names = {t.name for t in on_disk}
+    kept = [t for t in graph.graph.initializer if t.name not in names]
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    graph.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in on_disk)
+    converted = convert_float_to_float16(graph, keep_io_types=False, disable_shape_infer=True)
+    types = {i.name: i.type.tensor_type.elem_type for i in converted.graph.input if i.name in names}
+    inputs = [i for i in converted.graph.input if i.name not in names]
+    del converted.graph.input[:]
+    converted.graph.input.extend(inputs)
+    for t in on_disk:
+        t.data_type = types[t.name]
+    converted.graph.initializer.extend(on_disk)
+    return converted
 
 
 def _dynamic_int8(graph: onnx.ModelProto) -> onnx.ModelProto:
     """Dynamic quantization: int8 weights, activations quantized per call (MatMulInteger)."""
     import tempfile
-    from pathlib import Path
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

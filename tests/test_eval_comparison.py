@@ -47,6 +47,9 @@ def test_rows_cover_the_grid_and_tag_the_recovery_recipe():
     assert {r["name"] for r in rec} < {r["name"] for r in both}
     module = _module()
     assert [module.recipe_label(r) for r in recipes] == ["distill 30 x calib", "lora 9 x alpaca"]
+    assert module.recipe_label("--refit --recover distill --recover-steps 5 --recover-data a/c4.jsonl,b/alpaca.json") == \
+        "refit + distill 5 x c4+alpaca"
+    assert module.recipe_label("--refit") == "refit"
 
 
 @pytest.mark.slow  # a dozen amp-edge processes (~3 min on 2 cores)

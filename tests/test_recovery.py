@@ -16,7 +16,7 @@ from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError, RecoveryError
 from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover
-from amp_edge.recovery_data import pack, read_recovery_file
+from amp_edge.recovery_data import pack, read_recovery_file, recovery_texts
 from amp_edge.recovery_state import STATE_FILE
 
 from .tiny import char_tokenizer, save_tiny, tiny_model
@@ -210,6 +210,10 @@ def test_data_files_alpaca_jsonl_txt(tmp_path):
     txt = tmp_path / "t.txt"
     txt.write_text("one doc\n\nanother doc")
     assert read_recovery_file(txt) == ["one doc", "another doc"]
+    mixed = recovery_texts(f"{jsonl},{txt}")
+    assert mixed == TEXTS[:3] + ["one doc", "another doc"]
+    with pytest.raises(RecoveryError, match="'self' cannot be mixed"):
+        recovery_texts(f"self,{txt}")
     rows = pack(TEXTS, char_tokenizer(), 16, seed=0)
     assert rows.shape[1] == 16 and rows.shape[0] == sum(len(t) + 1 for t in TEXTS) // 16
     with pytest.raises(RecoveryError, match="fewer than one sequence of 4096"):
