@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_cache
 from .errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,13 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
         model = load_pruned(where["path"], dtype=dtype)
         tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"]), source)
         return LoadedModel(model, tokenizer, where)
+    if where["kind"] == "gguf":
+        cached = gguf_cache.lookup(Path(where["path"]) / where["gguf_file"], dtype)
+        if cached is not None:
+            log.info("loading %s from its safetensors copy %s", source, cached)
+            model = _guard(lambda: AutoModelForCausalLM.from_pretrained(cached, dtype=td, use_safetensors=True), source)
+            tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(cached), source)
+            return LoadedModel(model.eval(), tokenizer, where)
     kwargs = {"dtype": td, "trust_remote_code": trust_remote_code}
     if where["kind"] == "gguf":
         kwargs["gguf_file"] = where["gguf_file"]
@@ -100,8 +108,10 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     log.info("loading %s (%s)", source, where["kind"])
     model = _guard(lambda: AutoModelForCausalLM.from_pretrained(where["path"], **kwargs), source)
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"], **tok_kwargs), source)
-    if where["kind"] == "gguf" and td != "auto":
-        model = model.to(td)
+    if where["kind"] == "gguf":
+        if td != "auto":
+            model = model.to(td)
+        gguf_cache.store(Path(where["path"]) / where["gguf_file"], dtype, model, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, where)
 
