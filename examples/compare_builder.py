@@ -68,10 +68,13 @@ def main() -> None:
         name, folder = spec.split("=", 1)
         config = og.Config(folder)
         config.clear_providers()
+        # the same thread count in both runtimes (genai's default session leaves it to ONNX Runtime)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads,
+                                                                              "inter_op_num_threads": 1}}}}))
         model = og.Model(config)
         runners[f"{name} [genai]"] = (genai_run, model)
-        if name.startswith("amp"):
-            runners[f"{name} [amp-edge loop]"] = (loop_run, OnnxDecoder(folder, options=session_options(args.threads)))
+        # every graph in amp-edge's loop too (the builder's has the same inputs): graph against graph in both runtimes
+        runners[f"{name} [amp-edge loop]"] = (loop_run, OnnxDecoder(folder, options=session_options(args.threads)))
     samples = {k: {"prefill": [], "decode": []} for k in runners}
     for rep in range(args.repeat + 1):  # the first round warms up and is dropped
         for name, (fn, obj) in runners.items():

@@ -10,7 +10,7 @@ import errno
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amp_edge.checkpoint import atomic_dir, check_output, is_pruned_checkpoint
@@ -76,6 +76,8 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     """Build, quantize, validate and write a package; nothing is left at ``out`` unless all of it worked."""
     start = time.perf_counter()
     opts.check()
+    if opts.graph.pack_mlp is None:
+        opts.graph = replace(opts.graph, pack_mlp=opts.quant.dtype in ("int4", "int8"))
     out = Path(out).expanduser()
     if out.is_dir() and not any(out.iterdir()):
         overwrite = True  # an empty folder holds nothing to lose
@@ -185,6 +187,7 @@ def _manifest(source, loaded, plan, params_before, facts, opts: ExportOptions, f
         "kv_layout": layout.to_dict(),
         "uniform": layout.uniform(),
         "graph": {"opset": opts.graph.opset, "optimize": opts.graph.optimize, "files": [f.name for f in files],
+                  "pack_mlp": opts.graph.pack_mlp,
                   "attention": opts.graph.attention, "gqa_layers": facts["gqa_layers"], "padding": facts["padding"]},
         "quantization": opts.quant.to_dict(),
         "file_sizes": sizes,

@@ -73,6 +73,10 @@ class OnnxDecoder:
         self.has_position_ids = "position_ids" in inputs
         self.kv_heads = [inputs[n].shape[1] for n in self.past_names[::2]]
         self.head_dim = inputs[self.past_names[0]].shape[3] if self.past_names else 0
+        if not isinstance(self.head_dim, int):  # a symbolic dim (the model builder's graphs): genai_config says it
+            self.head_dim = _genai_config(model.parent).get("model", {}).get("decoder", {}).get("head_size")
+            if not isinstance(self.head_dim, int):
+                raise PackageError(f"{model}: the KV cache's head size is symbolic and no genai_config.json gives head_size")
         self.kv_dtype = _NP_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
         self.path = model
         # The KV cache stays in ONNX Runtime's memory (on the GPU with CUDA): each step's present tensors are
@@ -174,10 +178,18 @@ class OnnxDecoder:
             positions = positions[:, -1:] + 1
 
 
+def _genai_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "genai_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _genai_share_buffer(folder: Path) -> bool:
     try:
-        return bool(json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return bool(_genai_config(folder)["search"]["past_present_share_buffer"])
+    except (KeyError, TypeError):
         return False
 
 

@@ -61,7 +61,9 @@ def test_one_gqa_node_per_layer_with_its_own_heads(tmp_path):
     assert ops["Softmax"] == 0 and ops["RotaryEmbedding"] == 0  # no plain attention left
     names = [n.name for n in _graph(tmp_path / "pkg").graph.node if n.op_type == "MatMul"]
     assert sum("qkv_proj" in n.split("/") for n in names) == 3 and not any("q_proj" in n.split("/") for n in names)
-    assert sum("gate_up_proj" in n.split("/") for n in names) == 3 and not any("gate_proj" in n.split("/") for n in names)
+    # fp32 keeps gate and up apart (faster there); the quantized graphs pack them (test_int4 below)
+    assert sum("gate_proj" in n.split("/") for n in names) == 3 and not any("gate_up_proj" in n.split("/") for n in names)
+    assert m["graph"]["pack_mlp"] is False
     # positions come from the mask in a GQA graph: no position_ids input, and genai is told so
     assert "position_ids" not in {i.name for i in _graph(tmp_path / "pkg").graph.input}
     genai = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
@@ -175,6 +177,7 @@ def test_int4_gqa_graph_validates_and_keeps_8bit_by_packed_name(tmp_path):
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
     assert {b for n, b in bits.items() if "qkv_proj" in n or "lm_head" in n} == {8}
     assert {b for n, b in bits.items() if "qkv_proj" not in n and "lm_head" not in n} == {4}
+    assert sum("gate_up_proj" in n.split("/") for n in bits) == 3 and q.manifest["graph"]["pack_mlp"] is True
     with pytest.raises(InvalidOptionError, match="no MatMul: q_proj; known: .*qkv_proj"):
         export(str(dense), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("q_proj",))))
 
