@@ -20,6 +20,7 @@ from .errors import CalibrationError, InvalidOptionError
 log = logging.getLogger(__name__)
 SELF = "self"
 TEXT_FIELDS = ("text", "content", "document")
+_GENERATE_BATCH = 32
 
 
 @dataclass
@@ -142,9 +143,12 @@ def self_generated(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     device = next(model.parameters()).device
     vocab = min(len(tokenizer), model.config.vocab_size)
     rows = []
-    batches = range(0, spec.num_samples, spec.batch_size)
+    # generate() costs about the same per step at batch 8 and 32 on a CPU: SmolLM2-135M writes 32 x 128 tokens in
+    # 18 s in one batch of 32, 38 s in four of 8
+    step = max(spec.batch_size, min(spec.num_samples, _GENERATE_BATCH))
+    batches = range(0, spec.num_samples, step)
     for start in tqdm(batches, desc="generating calibration", unit="batch", leave=False):
-        n = min(spec.batch_size, spec.num_samples - start)
+        n = min(step, spec.num_samples - start)
         first = torch.randint(0, vocab, (n, 1), generator=gen)
         if tokenizer.bos_token_id is not None:
             first = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), first], dim=1)
