@@ -19,6 +19,9 @@ def model_from_package(package: str | Path):
         raise PackageError(f"{package} has no amp_edge.json, so its PyTorch source is unknown")
     m = json.loads(manifest.read_text())
     source = m["source"]["argument"]
+    if m.get("refit"):
+        raise PackageError(f"{package} was refitted while exporting (export --ratio --refit), so replaying its plan "
+                           "does not give its weights; prune with --refit to a checkpoint and export that instead")
     model = load_model(source, dtype="float32").model
     if m.get("plan") and not is_pruned_checkpoint(source):
         apply_plan(model, PruningPlan.from_dict(m["plan"]))

@@ -82,13 +82,14 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     if out.is_dir() and not any(out.iterdir()):
         overwrite = True  # an empty folder holds nothing to lose
     check_output(out, overwrite)
-    loaded, plan, params_before = _model(source, opts)
+    loaded, plan, params_before, refit = _model(source, opts)
     model = loaded.model
     gqa = gqa_layers(model, opts.graph.attention)
     # GroupQueryAttention supports right padding only (it keeps each row's valid tokens as a prefix): a graph
     # with GQA layers is validated on a right-padded batch, the plain graph on a left-padded one
     padding = "right" if gqa else "left"
-    facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding}
+    facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding,
+             "refit": refit}
     refs = reference(model, loaded.tokenizer, padding=padding) if opts.validate else None
     try:
         with atomic_dir(out, overwrite) as tmp:
@@ -107,24 +108,24 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     return ExportResult(str(out), manifest)
 
 
-def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan | None, int]:
+def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan | None, int, dict | None]:
     """The PyTorch model to export: a pruned checkpoint as saved, or ``source`` pruned here by ``opts.ratio``."""
     if is_pruned_checkpoint(source):
         if opts.ratio:
             raise InvalidOptionError(f"{source} is already a pruned checkpoint; export it without --ratio (got {opts.ratio})")
         loaded = load_model(source, dtype="float32")
         plan = PruningPlan.load(Path(loaded.source["path"]) / PLAN_FILE)
-        return loaded, plan, plan.params.get("before", count_parameters(loaded.model))
+        return loaded, plan, plan.params.get("before", count_parameters(loaded.model)), None
     if opts.ratio is None and opts.plan is None:
         raise InvalidOptionError(
             f"{source} is not a pruned checkpoint: pass --ratio R to prune it first, or --ratio 0 to export it dense")
     if opts.ratio == 0 and opts.plan is None:
         loaded = load_model(source, dtype="float32", trust_remote_code=opts.trust_remote_code)
-        return loaded, None, count_parameters(loaded.model)
+        return loaded, None, count_parameters(loaded.model), None
     if opts.ratio is not None:
         opts.prune.ratio = opts.ratio
     loaded, result = prune_in_memory(source, opts.prune, opts.plan, "float32", opts.trust_remote_code)
-    return loaded, result.plan, result.params_before
+    return loaded, result.plan, result.params_before, result.refit
 
 
 def _write_graph(graph, folder: Path, opts: ExportOptions, tied: bool) -> tuple[list[Path], set[str]]:
@@ -183,6 +184,7 @@ def _manifest(source, loaded, plan, params_before, facts, opts: ExportOptions, f
         "model_type": model.config.model_type,
         "plan": plan.to_dict() if plan is not None else None,
         "pruned": plan is not None,
+        "refit": facts["refit"],  # export --ratio --refit: the weights are not the plan's replay alone
         "params": {"before": params_before, "after": facts["params_after"]},
         "kv_layout": layout.to_dict(),
         "uniform": layout.uniform(),

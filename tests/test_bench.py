@@ -77,3 +77,28 @@ def test_thread_spinning_is_a_choice():
 
     assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(2, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_decoder_takes_head_size_from_genai_config_when_the_graph_leaves_it_symbolic(packages, tmp_path):
+    """The model builder's graphs name the KV head size 'kv_cache_dim'; genai_config.json gives its value."""
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from runtime_bench.generate import OnnxDecoder, PackageError
+
+    pkg = tmp_path / "symbolic"
+    shutil.copytree(packages / "dense-fp32", pkg)
+    graph = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    for value in [*graph.graph.input, *graph.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    onnx.save(graph, str(pkg / "model.onnx"))
+    ids = np.array([[5, 9, 14, 20, 33]])
+    want = OnnxDecoder(packages / "dense-fp32").generate(ids, 6)
+    assert OnnxDecoder(pkg).head_dim == OnnxDecoder(packages / "dense-fp32").head_dim
+    assert np.array_equal(OnnxDecoder(pkg).generate(ids, 6), want)
+    (pkg / "genai_config.json").unlink()
+    with pytest.raises(PackageError, match="head size is symbolic and no genai_config.json gives head_size"):
+        OnnxDecoder(pkg)

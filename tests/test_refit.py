@@ -137,3 +137,17 @@ def test_prune_refit_bad_damp_is_one_line(tiny_dir, calib_file, tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "refit damp must be > 0, got -1" in lines[0], res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_export_with_ratio_and_refit_records_it_and_refuses_a_replayed_reference(tiny_dir, calib_file, tmp_path):
+    from amp_edge.errors import PackageError
+    from amp_edge.reference import model_from_package
+
+    pkg = tmp_path / "pkg"
+    res = runner.invoke(app, [str(a) for a in ("export", tiny_dir, "--ratio", 0.3, "--calib", calib_file, "--calib-samples", 8,
+                                                "--calib-seq-len", 32, "--refit", "--out", pkg, "--json")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((pkg / "amp_edge.json").read_text())
+    assert manifest["refit"]["tokens"] > 0 and manifest["parity"]["ok"]
+    with pytest.raises(PackageError, match="refitted while exporting"):
+        model_from_package(pkg)
