@@ -219,7 +219,7 @@ def export_cmd(
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8)."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute."),
     int8_scheme: str = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger)."),
-    embedding: str = typer.Option("shared", help="int4/int8 with tied embeddings: shared (rows read from the quantized LM head, one copy) | fp16 (a separate fp16 table)."),
+    embedding: str = typer.Option("shared", help="Tied embeddings: shared (one copy: rows looked up in the LM head's weight, quantized in int4/int8) | fp16 (a separate table: fp16 in int4/int8 graphs, as traced in fp32/fp16)."),
     external_data: bool = typer.Option(True, "--external-data/--single-file", help="Weights in model.onnx.data (default; less memory) or in model.onnx when under 2 GB."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ONNX Runtime against PyTorch (default on)."),
     min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55)."),

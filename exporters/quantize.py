@@ -28,8 +28,8 @@ class QuantSpec:
     keep_8bit: tuple[str, ...] = ()  # MatMuls (module-name fragments) kept at 8 bits in an int4 graph
     int8_scheme: str = "weight-only"
     symmetric: bool = False  # zero points: top-1 agreement 0.645 vs 0.617 symmetric on SmolLM2-135M int4
-    # tied embeddings in int4/int8 graphs: "shared" gathers rows from the quantized LM head (GatherBlockQuantized,
-    # one copy of the table), "fp16" keeps a separate fp16 table (more bytes, exact rows)
+    # tied embeddings: "shared" keeps one copy of the table (fp32/fp16: rows from Transpose(LM head); int4/int8: from
+    # the quantized LM head, GatherBlockQuantized); "fp16" keeps a separate table (fp16 in int4/int8 graphs: exact rows)
     embedding: str = "shared"
 
     def check(self, opset: int) -> None:
@@ -49,10 +49,9 @@ class QuantSpec:
             raise InvalidOptionError(f"opset {opset} is too old for {self.dtype} (MatMulNBits needs opset >= {MIN_QUANT_OPSET})")
 
     def to_dict(self) -> dict:
-        d = {"dtype": self.dtype}
+        d = {"dtype": self.dtype, "embedding": self.embedding}
         if self.dtype in ("int4", "int8"):
-            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
-                     embedding=self.embedding)
+            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric)
         if self.dtype == "int8":
             d["int8_scheme"] = self.int8_scheme
         if self.keep_8bit:
@@ -83,6 +82,8 @@ def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False, weight
     (the weight-only quantizers) or not at all (fp16 relabels them; ``materialize_weights`` casts them), so the
     fp32 weights are never all in memory; the caller materializes the rest afterwards.
     """
+    if spec.dtype in ("fp32", "fp16") and tied and spec.embedding == "shared":
+        rows_from_head(graph)
     if spec.dtype == "fp32":
         return graph
     if spec.dtype == "fp16":
@@ -189,6 +190,33 @@ def half_embeddings(graph: onnx.ModelProto) -> int:
         cast = helper.make_node("Cast", [out + "_fp16"], [out], to=onnx.TensorProto.FLOAT, name=node.name + "_cast_fp32")
         graph.graph.node.insert(list(graph.graph.node).index(node) + 1, cast)
     return saved
+
+
+def rows_from_head(graph: onnx.ModelProto) -> bool:
+    """fp32/fp16 with tied embeddings: look token rows up in Transpose(LM head weight) instead of a second copy of
+    the table; True when done.
+
+    The trace stores the tied tensor twice (the table for Gather, its transpose for the head's MatMul). ONNX Runtime
+    folds the Transpose once when the session loads, so inference is unchanged, and the package keeps one copy, as
+    the model builder's does (SmolLM2-135M fp32: 627 -> 514 MB).
+    """
+    from onnx import helper
+
+    inits = {t.name: t for t in graph.graph.initializer}
+    head = next((n for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output and n.input[1] in inits), None)
+    gathers = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if head is None or len(gathers) != 1:
+        return False
+    gather, table, weight = gathers[0], inits[gathers[0].input[0]], inits[head.input[1]]
+    if list(table.dims) != list(weight.dims)[::-1] or table.data_type != weight.data_type:
+        return False
+    rows = f"{weight.name}_as_rows"
+    nodes = list(graph.graph.node)
+    graph.graph.node.insert(nodes.index(gather), helper.make_node("Transpose", [weight.name], [rows], name=rows, perm=[1, 0]))
+    gather.input[0] = rows
+    if not any(table.name in n.input for n in graph.graph.node):
+        graph.graph.initializer.remove(table)
+    return True
 
 
 def share_tied_embedding(graph: onnx.ModelProto, block_size: int) -> bool:

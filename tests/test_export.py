@@ -235,3 +235,23 @@ def test_int4_export_of_a_tied_model_keeps_one_copy_of_the_embedding(tmp_path):
     assert shared.manifest["parity"]["ok"] and shared.manifest["quantization"]["embedding"] == "shared"
     with pytest.raises(InvalidOptionError, match="unknown embedding storage 'int2'"):
         export(str(tmp_path / "dense"), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="int2")))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fp_export_of_a_tied_model_stores_the_table_once(tmp_path, dtype):
+    from tests.tiny import char_tokenizer, tiny_model
+
+    model = tiny_model("llama-gqa")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "dense", safe_serialization=True)
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    shared = export(str(tmp_path / "dense"), tmp_path / "shared", ExportOptions(ratio=0, quant=QuantSpec(dtype)))
+    separate = export(str(tmp_path / "dense"), tmp_path / "separate", ExportOptions(ratio=0, quant=QuantSpec(dtype, embedding="fp16")))
+    graph = onnx.load(str(tmp_path / "shared" / "model.onnx"))
+    assert not any("embed_tokens" in t.name for t in graph.graph.initializer)  # rows come from the LM head's weight
+    gather = next(n for n in graph.graph.node if n.op_type == "Gather" and "input_ids" in n.input)
+    assert next(n for n in graph.graph.node if gather.input[0] in n.output).op_type == "Transpose"
+    item = 4 if dtype == "fp32" else 2
+    assert separate.manifest["onnx_bytes"] - shared.manifest["onnx_bytes"] >= 128 * 64 * item - 1024
+    assert shared.manifest["parity"]["ok"] and shared.manifest["parity"]["max_abs_diff"] == separate.manifest["parity"]["max_abs_diff"]
