@@ -13,7 +13,8 @@ from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError
 from amp_edge.refit import RefitSpec, load_refitted, refit_weights
 
-from .tiny import FAMILIES, sample_ids, save_tiny, tiny_model
+from .test_cli import calib_file, tiny_dir  # noqa: F401 (fixtures)
+from .tiny import FAMILIES, sample_ids, tiny_model
 
 
 def _batches(n=4, length=48):
@@ -96,18 +97,6 @@ def test_refit_spec_is_checked():
 
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"Sample number {i}: the cat sat on the mat. " * 3}) for i in range(40)))
-    return path
 
 
 def test_prune_refit_cli_records_the_fit(tiny_dir, calib_file, tmp_path):
