@@ -78,6 +78,13 @@ class OnnxDecoder:
             if not isinstance(self.head_dim, int):
                 raise PackageError(f"{model}: the KV cache's head size is symbolic and no genai_config.json gives head_size")
         self.kv_dtype = _NP_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is None:
+            raise PackageError(f"{model} is not a decoder graph: it has no 'logits' output")
+        self.logits_dtype = _NP_TYPES.get(logits.type, np.float32)
+        self.vocab_size = logits.shape[-1]
+        if not isinstance(self.vocab_size, int):
+            self.vocab_size = _genai_config(model.parent).get("model", {}).get("vocab_size")
         self.path = model
         # The KV cache stays in ONNX Runtime's memory (on the GPU with CUDA): each step's present tensors are
         # bound as the next step's past, never copied through numpy.
@@ -110,22 +117,39 @@ class OnnxDecoder:
         """One forward pass. ``cache`` is numpy arrays or the OrtValues a previous step returned; the new cache
         comes back as OrtValues that stay where ONNX Runtime put them (no copy through numpy). ``shared``: ``cache``
         is ``shared_cache`` buffers, bound as the outputs too, and comes back as it went in, updated in place."""
+        return self._run(self._bind_cache(cache, shared), input_ids, attention_mask, position_ids, cache, shared)
+
+    def _bind_cache(self, cache: Sequence, shared: bool) -> ort.IOBinding:
+        """An IO binding holding the cache inputs (and, for shared buffers, the same buffers as outputs). A shared
+        binding is reused for every step of a generation: only the token inputs and the logits change."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        if self.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order they were bound
         for name, value in zip(self.past_names, cache):
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
         for i, name in enumerate(self.present_names):
             if shared:
                 binding.bind_ortvalue_output(name, cache[i])
             else:
                 binding.bind_output(name, self.device)
+        return binding
+
+    def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: Sequence, shared: bool, logits_out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """``logits_out``: a numpy buffer of the logits' shape that ONNX Runtime writes into (decode steps reuse one;
+        reading it back needs no OrtValue wrappers for the 2 x layers cache outputs)."""
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if logits_out is not None:
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_out))
+        else:
+            binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)
+        if logits_out is not None:
+            return logits_out, list(cache)
         outs = binding.get_outputs()
         return outs[0].numpy(), list(cache) if shared else list(outs[1:])
 
@@ -151,9 +175,15 @@ class OnnxDecoder:
         eos = np.asarray(list(eos_token_ids), dtype=np.int64)
         ids = input_ids
         prev = None
+        binding = self._bind_cache(cache, True) if shared else None
+        own = shared and isinstance(self.vocab_size, int)
+        step_logits = np.empty((batch, 1, self.vocab_size), self.logits_dtype) if own else None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            logits, cache = self.step(ids, mask, positions, cache, shared)
+            if shared:
+                logits, cache = self._run(binding, ids, mask, positions, cache, True, step_logits if step else None)
+            else:
+                logits, cache = self.step(ids, mask, positions, cache)
             # a right-padded prompt's next token comes from its last real position, not from the padding
             last = logits[np.arange(batch), last_real(mask)] if step == 0 else logits[:, -1, :]
             token = last.argmax(-1).astype(np.int64)
