@@ -66,8 +66,9 @@ def build(row: dict, args, work: Path) -> Path:
 def evaluate(row: dict, pkg: Path, args, work: Path) -> dict:
     out = work / f"{row['name']}-eval"
     if not (out / "eval.json").is_file():
-        amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *TASKS]), "--limit", str(args.limit), "--max-tokens",
-            str(args.max_tokens), "--window", str(args.window), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
+        tokens = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
+        amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *TASKS]), "--limit", str(args.limit), *tokens,
+            "--window", str(args.window), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
     return json.loads((out / "eval.json").read_text())
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--calib", default=str(DATA_DIR / "calibration" / "c4_demo.jsonl"))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
     ap.add_argument("--limit", type=int, default=200, help="documents per zero-shot task (first N of the validation split)")
-    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (disjoint windows)")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (disjoint windows); 0: the whole file")
     ap.add_argument("--window", type=int, default=1024, help="WikiText-2 window (tokens each forward pass sees)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bench-prompt", default="128")
@@ -188,7 +189,8 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
     lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
              f"Command: `{command}`", "",
              f"Validation splits, first {args.limit} documents of each task (lm-evaluation-harness prompts, acc); "
-             f"WikiText-2 test perplexity over the first {args.max_tokens} tokens (window {args.window}, disjoint windows); scores "
+             f"WikiText-2 test perplexity over {f'the first {args.max_tokens} tokens' if args.max_tokens else 'the whole file'} "
+             f"(window {args.window}, disjoint windows); scores "
              f"of the exported fp32 ONNX package. avg5 = PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c (the paper's average); "
              f"avg7 = all seven tasks. Decode: fp32, prompt {args.bench_prompt}, 64 new tokens, {args.threads} threads, "
              f"{env.get('cpu', '')}.", "",
