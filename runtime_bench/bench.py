@@ -58,6 +58,7 @@ class Row:
     prompt_len: int
     runs: list[Run] = field(default_factory=list)
     peak_rss: int = 0
+    device_memory: int | None = None  # CUDA: GPU memory the worker process holds (nvidia-smi), its peak over the runs
     info: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -72,6 +73,7 @@ class Row:
             "decode_ms_stdev": statistics.pstdev(decode) if decode else float("nan"),
             "tokens_per_s": 1000.0 / mean if decode else float("nan"),
             "kv_bytes_end": self.runs[-1].kv_bytes if self.runs else 0, "peak_rss": self.peak_rss,
+            "device_memory": self.device_memory,
         }
 
 
@@ -106,8 +108,10 @@ def check_package(path: str | Path) -> dict:
 
 
 def _onnx_worker(conn, path: str, provider: str, threads: int | None) -> None:
+    import os
+
     from .generate import OnnxDecoder, PackageError, StepTimes, session_options
-    from .hardware import peak_rss_bytes
+    from .hardware import gpu_memory_bytes, peak_rss_bytes
 
     try:
         decoder = OnnxDecoder(path, providers=[PROVIDERS[provider]], options=session_options(threads))
@@ -127,14 +131,17 @@ def _onnx_worker(conn, path: str, provider: str, threads: int | None) -> None:
             conn.send(("error", f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"))
             continue
         kv = decoder.kv_bytes(decoder.last_cache)
-        conn.send(("run", Run(times.prefill_s * 1e3, [d * 1e3 for d in times.decode_s], kv), peak_rss_bytes()))
+        device_memory = gpu_memory_bytes(os.getpid()) if provider == "cuda" else None
+        conn.send(("run", Run(times.prefill_s * 1e3, [d * 1e3 for d in times.decode_s], kv), peak_rss_bytes(), device_memory))
 
 
 def _torch_worker(conn, source: str, provider: str, threads: int | None) -> None:
     """PyTorch eager reference: the package's source model, rebuilt from its manifest (plan replayed)."""
+    import os
+
     import torch
 
-    from .hardware import peak_rss_bytes
+    from .hardware import gpu_memory_bytes, peak_rss_bytes
     from amp_edge.reference import model_from_package
 
     from transformers.utils import logging as hf_logging
@@ -168,7 +175,10 @@ def _torch_worker(conn, source: str, provider: str, threads: int | None) -> None
                 cache = out.past_key_values
                 decode.append((time.perf_counter() - t) * 1e3)
         kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        conn.send(("run", Run(prefill, decode, int(kv)), peak_rss_bytes()))
+        device_memory = None
+        if device == "cuda":  # the process's whole footprint where nvidia-smi shows it, else torch's own reservation
+            device_memory = gpu_memory_bytes(os.getpid()) or torch.cuda.max_memory_reserved()
+        conn.send(("run", Run(prefill, decode, int(kv)), peak_rss_bytes(), device_memory))
 
 
 def _sync(device: str) -> None:
@@ -206,7 +216,7 @@ class Worker:
         except EOFError:
             raise BenchError("a bench worker died (out of memory?)") from None
 
-    def run(self, ids: np.ndarray, gen_len: int) -> tuple[Run, int]:
+    def run(self, ids: np.ndarray, gen_len: int) -> tuple[Run, int, int | None]:
         import pickle
 
         pickle.dump(("run", ids, gen_len), self.proc.stdin)
@@ -214,7 +224,7 @@ class Worker:
         reply = self._recv()
         if reply[0] == "error":
             raise BenchError(reply[1])
-        return reply[1], reply[2]
+        return reply[1], reply[2], reply[3]
 
     def close(self) -> None:
         import pickle
@@ -264,7 +274,7 @@ def available_providers() -> list[str]:
 
 
 def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = False, progress=None) -> dict:
-    from .hardware import copy_bandwidth, cpu_name
+    from .hardware import copy_bandwidth, cpu_name, gpu_name, session_copy_bandwidth
 
     spec.check()
     available = available_providers()
@@ -282,7 +292,8 @@ def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = Fals
             workers[names[p]] = (Worker("onnx", str(p), spec), p, "onnx")
         if torch_reference:
             workers["torch (eager)"] = (Worker("torch", str(packages[0]), spec), packages[0], "torch")
-        bandwidth = copy_bandwidth()
+        # the limit is set by the memory the weights live in: the GPU's on CUDA, the host's on CPU
+        bandwidth = session_copy_bandwidth(PROVIDERS["cuda"]) if spec.provider == "cuda" else copy_bandwidth()
         rows = {(n, pl): Row(n, str(p), kind, pl, info=infos[p]) for n, (_, p, kind) in workers.items() for pl in spec.prompt_lens}
         rng = np.random.default_rng(spec.seed)
         vocab = min(info.get("vocab") or 32000 for info in infos.values())  # ids every package can embed
@@ -292,15 +303,19 @@ def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = Fals
             for rep in range(spec.warmup + spec.repeat):
                 ids = rng.integers(min(100, vocab // 2), vocab, (spec.batch, pl))
                 for n, (w, _, _) in workers.items():  # interleaved: A B A B ...
-                    run, peak = w.run(ids, spec.gen_len)
+                    run, peak, device_memory = w.run(ids, spec.gen_len)
                     if rep >= spec.warmup:
                         rows[(n, pl)].runs.append(run)
                     for key in [(n, q) for q in spec.prompt_lens]:
                         rows[key].peak_rss = max(rows[key].peak_rss, peak)
+                        if device_memory is not None:
+                            rows[key].device_memory = max(rows[key].device_memory or 0, device_memory)
                     done += 1
                     if progress:
                         progress(done, total)
         env = _environment(spec, bandwidth, cpu_name(), {n: w.ready for n, (w, _, _) in workers.items()})
+        if spec.provider == "cuda":
+            env["gpu"] = gpu_name()
     finally:
         for w, _, _ in workers.values():
             w.close()
@@ -338,7 +353,8 @@ def _report(rows: list[Row], env: dict, spec: BenchSpec, baseline: str) -> dict:
     base = {r.prompt_len: (s, read) for r, s, read in zip(rows, summaries, reads) if r.name == baseline}
     out = []
     for r, s, read in zip(rows, summaries, reads):
-        limit_ms = read / env["copy_bandwidth_bytes_per_s"] * 1e3 if read else None
+        bandwidth = env["copy_bandwidth_bytes_per_s"]
+        limit_ms = read / bandwidth * 1e3 if read and bandwidth else None
         b, b_read = base.get(r.prompt_len, (None, None))
         out.append({
             "name": r.name, "path": r.path, "kind": r.kind, "prompt_len": r.prompt_len, **s,

@@ -102,3 +102,50 @@ def test_decoder_takes_head_size_from_genai_config_when_the_graph_leaves_it_symb
     (pkg / "genai_config.json").unlink()
     with pytest.raises(PackageError, match="head size is symbolic and no genai_config.json gives head_size"):
         OnnxDecoder(pkg)
+
+
+def test_session_copy_bandwidth_measures_the_providers_memory():
+    """The CUDA limit comes from a copy inside an ONNX Runtime session on the device; the same code runs on the CPU."""
+    from runtime_bench.hardware import session_copy_bandwidth
+
+    assert session_copy_bandwidth("CPUExecutionProvider", megabytes=16, repeats=2) > 1e8
+
+
+def test_gpu_name_and_memory_from_nvidia_smi(monkeypatch):
+    import subprocess
+
+    from runtime_bench import hardware
+
+    answers = {"--query-gpu=name": "NVIDIA H200\n",
+               "--query-compute-apps=pid,used_memory": "4321, 812\n1234, 1500\n1234, 20\n"}
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[1]], stderr="")
+
+    monkeypatch.setattr(hardware.subprocess, "run", fake_run)
+    assert hardware.gpu_name() == "NVIDIA H200"
+    assert hardware.gpu_memory_bytes(1234) == 1520 * 2**20  # every context the process holds
+    assert hardware.gpu_memory_bytes(999) is None
+
+    def missing(cmd, **kw):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(hardware.subprocess, "run", missing)
+    assert hardware.gpu_name() is None and hardware.gpu_memory_bytes(1234) is None
+
+
+def test_cuda_report_shows_gpu_memory_and_the_device_bandwidth(tmp_path):
+    from runtime_bench.report import chart, markdown
+
+    env = {"date": "d", "cpu": "Xeon", "gpu": "NVIDIA H200", "provider": "cuda", "threads": None, "onnxruntime": "1.x",
+           "batch": 1, "gen_len": 64, "repeat": 1, "warmup": 0, "copy_bandwidth_bytes_per_s": 3.9e12}
+    row = {"name": "dense", "kind": "onnx", "prompt_len": 128, "prefill_ms_mean": 5.0, "decode_ms_mean": 2.0,
+           "decode_ms_p50": 2.0, "decode_ms_p90": 2.1, "tokens_per_s": 500.0, "decode_speedup_vs_baseline": 1.0,
+           "bytes_ratio_vs_baseline": 1.0, "x_of_limit": 14.8, "limit_ms": 0.135, "peak_rss": 900 * 2**20,
+           "device_memory": 1200 * 2**20, "package_bytes": 519 * 2**20, "kv_bytes_end": 8 * 2**20, "dtype": "fp32"}
+    text = markdown({"environment": env, "baseline": "dense", "rows": [row, {**row, "name": "torch", "kind": "torch",
+                                                                             "device_memory": None, "x_of_limit": None}]})
+    assert "NVIDIA H200 (host: Xeon)" in text and "device copy bandwidth 3900.0 GB/s" in text and "GPU memory bandwidth" in text
+    assert "| GPU MiB |" in text and "| 900 | 1200 | 519 |" in text and "| 900 | - | 519 |" in text
+    chart({"rows": [row]}, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
