@@ -11,6 +11,7 @@ from .plan import LayerPlan, PruningPlan
 from .recovery import RecoveryResult, RecoverySpec, recover
 from .scoring import criteria, score
 from .sources import DEFAULT_MODEL, load_model
+from .split import split_plan
 from .surgery import apply_plan, count_parameters
 from .versions import __version__
 
@@ -18,5 +19,5 @@ __all__ = [
     "AmpEdgeError", "CalibrationSpec", "DEFAULT_MODEL", "LayerPlan", "PruneOptions", "PruneResult", "PruningPlan",
     "RecoveryResult", "RecoverySpec", "recover",
     "__version__", "allocate", "apply_plan", "calibration_batches", "count_parameters", "criteria", "get_adapter",
-    "load_model", "load_pruned", "make_plan", "perplexity", "prune", "save_pruned", "score", "supported_model_types",
+    "load_model", "load_pruned", "make_plan", "perplexity", "prune", "save_pruned", "score", "split_plan", "supported_model_types",
 ]

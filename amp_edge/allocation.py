@@ -6,8 +6,10 @@ Head removal happens in *units* that keep GQA intact:
                so all groups keep the same number of query heads and the KV cache stays.
 With one query head per KV head (MHA) both modes remove single heads.
 
-uniform  the same fraction of units and neurons in every layer, sized so that the whole model
-         loses ``ratio`` of its parameters (embeddings included, as the reference counts);
+uniform  the same number of head units and the same fraction of neurons in every layer, sized so that
+         the whole model loses ``ratio`` of its parameters (embeddings included, as the reference counts);
+         ``head_units`` fixes how many units each layer loses (the MLP absorbs the rest of the budget),
+         None takes the fraction of units nearest the parameter fraction (the paper's rule; see split.py);
 global   the same totals, spread over layers by one ranking of per-layer normalized scores,
          each layer keeping at least ``min_keep`` of its units and neurons.
 """
@@ -41,7 +43,7 @@ class HeadUnits:
     max_remove: int
 
 
-def head_units(scores: torch.Tensor, shape: LayerShape, gqa: str, q_cost: int, kv_cost: int, min_keep: float) -> HeadUnits:
+def unit_order(scores: torch.Tensor, shape: LayerShape, gqa: str, q_cost: int, kv_cost: int, min_keep: float) -> HeadUnits:
     g, n_kv = shape.group_size, shape.num_kv_heads
     per_group = scores.reshape(n_kv, g)
     if gqa == "group" or g == 1:
@@ -79,15 +81,16 @@ def allocate(
     gqa: str = "query",
     min_keep: float = 0.1,
     normalization: str = "mean",
+    head_units: int | None = None,
 ) -> PruningPlan:
     check_options(ratio, allocation, gqa, min_keep, normalization)
     shapes = adapter.shapes()
     costs = [adapter.unit_costs(i) for i in range(adapter.num_layers)]
     if allocation == "global":
         scores = [LayerScores(normalize(s.heads, normalization), normalize(s.neurons, normalization)) for s in scores]
-    units = [head_units(s.heads, sh, gqa, c.query_head, c.kv_head, min_keep) for s, sh, c in zip(scores, shapes, costs)]
+    units = [unit_order(s.heads, sh, gqa, c.query_head, c.kv_head, min_keep) for s, sh, c in zip(scores, shapes, costs)]
     total = count_parameters(adapter.model)
-    n_heads, n_neurons = _uniform_counts(units, shapes, costs, ratio * total, ratio, min_keep)
+    n_heads, n_neurons = _uniform_counts(units, shapes, costs, ratio * total, ratio, min_keep, head_units)
     if allocation == "global":
         n_heads = _global_counts([u.scores for u in units], [u.max_remove for u in units], sum(n_heads))
         max_neurons = [sh.intermediate_size - _min_neurons(sh, min_keep) for sh in shapes]
@@ -118,15 +121,20 @@ def _min_neurons(shape: LayerShape, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * shape.intermediate_size))
 
 
-def _uniform_counts(units, shapes, costs, target, ratio, min_keep) -> tuple[list[int], list[int]]:
-    """Head units and neurons removed per layer: one fraction everywhere, neurons absorbing the rounding."""
+def _uniform_counts(units, shapes, costs, target, ratio, min_keep, head_units=None) -> tuple[list[int], list[int]]:
+    """Head units and neurons removed per layer: ``head_units`` (or one fraction) everywhere, neurons absorbing the rest."""
     full = [len(u.scores) * u.cost + sh.intermediate_size * c.neuron for u, sh, c in zip(units, shapes, costs)]
     frac = target / sum(full)
     if frac >= 1.0:
         raise AllocationError(f"ratio {ratio} asks for {target:.0f} parameters but the layers hold only {sum(full)} prunable ones")
-    n_heads = [min(round(frac * len(u.scores)), u.max_remove) for u in units]
-    if sum(k * u.cost for k, u in zip(n_heads, units)) > target:  # rounding up overshot: round down instead
-        n_heads = [min(math.floor(frac * len(u.scores)), u.max_remove) for u in units]
+    if head_units is not None:
+        n_heads = [min(head_units, u.max_remove) for u in units]
+        if sum(k * u.cost for k, u in zip(n_heads, units)) > target:
+            raise AllocationError(f"removing {head_units} head units per layer takes more than ratio {ratio} of the parameters")
+    else:
+        n_heads = [min(round(frac * len(u.scores)), u.max_remove) for u in units]
+        if sum(k * u.cost for k, u in zip(n_heads, units)) > target:  # rounding up overshot: round down instead
+            n_heads = [min(math.floor(frac * len(u.scores)), u.max_remove) for u in units]
     rest = target - sum(k * u.cost for k, u in zip(n_heads, units))
     mlp_total = sum(sh.intermediate_size * c.neuron for sh, c in zip(shapes, costs))
     n_neurons = []

@@ -64,6 +64,7 @@ def prune(
     gqa: str = typer.Option("query", help="query: same query heads out of every KV group | group: whole KV groups."),
     min_keep: float = typer.Option(0.1, help="Fraction of heads and neurons every layer keeps at least."),
     normalization: str = typer.Option("mean", help="Per-layer score normalization for global allocation: mean | zscore."),
+    heads: str = typer.Option("auto", help="Head units removed per layer, the MLP taking the rest of the budget: auto (the count with the lowest calibration loss) | proportional (the paper's rule: the unit fraction nearest the ratio) | a number."),
     calib: str = typer.Option("self", help="'self' (model-generated), a .txt/.jsonl/.json file, or a hub data set name."),
     calib_samples: int = typer.Option(32, help="Calibration samples."),
     calib_seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
@@ -110,7 +111,7 @@ def prune(
 
     spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
     opts = PruneOptions(ratio, criterion, allocation, gqa, min_keep, normalization, spec, seed,
-                        RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None)
+                        RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None, heads)
     recovery = None if recover is None else RecoverySpec(
         method=recover, steps=recover_steps, data=recover_data, field=recover_field, lr=recover_lr, batch_size=recover_batch_size,
         micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed, warmup_steps=recover_warmup,
@@ -134,6 +135,10 @@ def _print_summary(result) -> None:
     out.print(table)
     removed = 1 - result.params_after / result.params_before
     out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s")
+    split = result.plan.head_split
+    if split.get("rule") == "auto":
+        losses = ", ".join(f"{k} units {v:.4f}" for k, v in split["calibration_loss"].items())
+        out.print(f"heads: {split['head_units']} units per layer removed, the lowest calibration loss ({losses})")
     if result.refit:
         f = result.refit
         out.print(f"refitted o_proj and down_proj on {f['tokens']:,} tokens of {f['source']} in {f['seconds']:.0f} s")
@@ -227,6 +232,7 @@ def export_cmd(
     criterion: str = typer.Option("amp", help="Pruning criterion when --ratio > 0."),
     allocation: str = typer.Option("uniform", help="uniform | global, when --ratio > 0."),
     gqa: str = typer.Option("query", help="query | group, when --ratio > 0."),
+    heads: str = typer.Option("auto", help="Head units removed per layer when --ratio > 0: auto | proportional | a number (see prune --heads)."),
     calib: str = typer.Option("self", help="Calibration data when --ratio > 0."),
     calib_samples: int = typer.Option(32, help="Calibration samples."),
     calib_seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
@@ -247,7 +253,7 @@ def export_cmd(
     opts = ExportOptions(
         ratio=ratio,
         prune=PruneOptions(ratio or 0.3, criterion, allocation, gqa, calibration=CalibrationSpec(calib, calib_samples, calib_seq_len),
-                           refit=RefitSpec() if refit else None),
+                           refit=RefitSpec() if refit else None, heads=heads),
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, optimize, attention),
         quant=QuantSpec(dtype, block_size, accuracy_level, keep, int8_scheme, embedding=embedding),

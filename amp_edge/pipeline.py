@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .adapters import get_adapter, supported_model_types
-from .allocation import check_options, allocate
+from .allocation import check_options
 from .calibration import CalibrationSpec, calibration_batches
 from .checkpoint import check_output, save_pruned
 from .errors import InvalidOptionError, UnsupportedArchitectureError
@@ -23,6 +23,7 @@ from .recovery import RECOVERY_FILE, RecoverySpec, recover
 from .recovery_data import recovery_rows, recovery_texts
 from .refit import RefitSpec, load_refitted, refit_weights
 from .scoring import criteria, needs_calibration, score
+from .split import parse_heads, split_plan
 from .sources import LoadedModel, load_model, resolve
 from .surgery import apply_plan, count_parameters, needs_load_pruned
 from .versions import versions
@@ -41,15 +42,21 @@ class PruneOptions:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     seed: int = 0
     refit: RefitSpec | None = None  # least-squares refit of o_proj/down_proj after pruning (amp_edge.refit)
+    heads: str = "auto"  # head units removed per layer: auto | proportional | N (amp_edge.split)
 
     def check(self) -> None:
         check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
+        parse_heads(self.heads)
         if self.refit is not None:
             self.refit.check()
         if self.criterion not in criteria():
             raise InvalidOptionError(f"unknown criterion {self.criterion!r}; choose from {', '.join(criteria())}")
-        if needs_calibration(self.criterion):
+        if self.needs_calibration():
             self.calibration.check()
+
+    def needs_calibration(self) -> bool:
+        """The criterion reads activations, or auto compares head splits by their loss on calibration text."""
+        return needs_calibration(self.criterion) or parse_heads(self.heads) == "auto"
 
 
 @dataclass
@@ -70,6 +77,7 @@ class PruneResult:
             "allocation": self.plan.allocation, "gqa": self.plan.gqa,
             "params_before": self.params_before, "params_after": self.params_after,
             "params_removed_fraction": 1 - self.params_after / self.params_before,
+            "head_split": self.plan.head_split,
             "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
             **({"refit": self.refit} if self.refit else {}),
             **({"recovery": self.recovery} if self.recovery else {}),
@@ -88,12 +96,13 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
     adapter = get_adapter(loaded.model)
     adapter.check_prunable()
     # The ratio's feasibility depends on shapes only: refuse it before spending time on calibration.
-    allocate(adapter, score("random", adapter), opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
-    batches = calibration_batches(opts.calibration, loaded.model, loaded.tokenizer) if needs_calibration(opts.criterion) else []
+    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
+    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    batches = calibration_batches(opts.calibration, loaded.model, loaded.tokenizer) if opts.needs_calibration() else []
     scores = score(opts.criterion, adapter, batches, seed=opts.seed)
-    plan = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches)
     plan.criterion = opts.criterion
-    plan.calibration = opts.calibration.to_dict() if needs_calibration(opts.criterion) else {}
+    plan.calibration = opts.calibration.to_dict() if opts.needs_calibration() else {}
     plan.calibration["seed"] = opts.seed
     return plan
 

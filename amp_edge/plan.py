@@ -36,6 +36,7 @@ class PruningPlan:
     allocation: str = "uniform"
     gqa: str = "query"
     calibration: dict = field(default_factory=dict)
+    head_split: dict = field(default_factory=dict)  # how the head/MLP share was chosen (amp_edge.split)
     source: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)

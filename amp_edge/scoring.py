@@ -52,8 +52,9 @@ def score(criterion: str, adapter: Adapter, batches: Iterable[torch.Tensor] = ()
 
 
 @contextmanager
-def input_hooks(modules: list[torch.nn.Module], fn: Callable[[int, torch.Tensor], None]):
-    """Call ``fn(index, input)`` on each module's input during forward; hooks always come off."""
+def input_hooks(modules: list[torch.nn.Module], fn: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """Call ``fn(index, input)`` on each module's input during forward (a tensor it returns replaces the input);
+    hooks always come off."""
     handles = [m.register_forward_pre_hook(lambda _m, args, i=i: fn(i, args[0])) for i, m in enumerate(modules)]
     try:
         yield

@@ -56,7 +56,7 @@ def build(row: dict, args, work: Path) -> Path:
     if not (ckpt / "amp_edge_plan.json").is_file():
         t0 = time.perf_counter()
         cmd = ["prune", args.model, "--ratio", str(row["ratio"]), "--criterion", row["criterion"], "--allocation",
-               row["allocation"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
+               row["allocation"], "--heads", row["heads"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
         amp(*cmd, *(shlex.split(row["recipe"]) if row["recovery"] else []), log=log)
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     amp("export", str(ckpt), "--out", str(pkg), "--overwrite", *shlex.split(args.export_args), log=log)
@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--criteria", default="amp,random,magnitude,wanda-sp")
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--allocations", default="uniform")
+    ap.add_argument("--heads", default="auto", help="head rules (prune --heads), comma-separated; rows other than auto's are "
+                    "named with the rule, e.g. amp-0.3-uniform-proportional")
+    ap.add_argument("--heads-criteria", default="amp", help="criteria that get the head rules other than the first")
     ap.add_argument("--recover", action="append", default=[], help='prune options of a recovery recipe, e.g. "--recover distill '
                     '--recover-steps 300"; repeat it for several recipes (a row each); none: no recovery rows')
     ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
@@ -113,7 +116,7 @@ def main() -> None:
         pkg = build(row, args, work)
         report = evaluate(row, pkg, args, work)
         manifest = json.loads((pkg / "amp_edge.json").read_text())
-        row.update(package=str(pkg), params=manifest["params"]["after"], eval=report)
+        row.update(package=str(pkg), params=manifest["params"]["after"], eval=report, heads_removed=heads_removed(manifest))
         seconds = work / f"{row['name']}.prune_seconds"
         row["prune_seconds"] = float(seconds.read_text()) if seconds.is_file() else None
         print(json.dumps({k: row[k] for k in ("name", "params")} | {"ppl": report["tasks"]["wikitext2"]["perplexity"],
@@ -150,20 +153,22 @@ def plan_rows(args) -> list[dict]:
     ratios = [float(r) for r in args.ratios.split(",")]
     rec_ratios = [float(r) for r in args.recover_ratios.split(",")] if args.recover_ratios else ratios
     non_uniform = args.global_criteria.split(",") if args.global_criteria else None
-    rows = [{"name": "dense", "criterion": "dense", "ratio": 0.0, "allocation": "-", "recovery": False}]
+    rules = args.heads.split(",")
+    rows = [{"name": "dense", "criterion": "dense", "ratio": 0.0, "allocation": "-", "heads": "-", "recovery": False}]
     for criterion in args.criteria.split(","):
         for ratio in ratios:
             for allocation in args.allocations.split(","):
                 if allocation != "uniform" and non_uniform is not None and criterion not in non_uniform:
                     continue
-                name = f"{criterion}-{ratio:g}-{allocation}"
-                rows.append({"name": name, "criterion": criterion, "ratio": ratio, "allocation": allocation, "recovery": False})
-                if criterion not in args.recover_criteria.split(",") or ratio not in rec_ratios:
-                    continue
-                for recipe in args.recover:
-                    tag = hashlib.sha1(recipe.encode()).hexdigest()[:6]
-                    rows.append({"name": f"{name}-rec-{tag}", "criterion": criterion, "ratio": ratio, "allocation": allocation,
-                                 "recovery": True, "recipe": recipe})
+                for heads in rules if criterion in args.heads_criteria.split(",") else rules[:1]:
+                    name = f"{criterion}-{ratio:g}-{allocation}" + ("" if heads == "auto" else f"-{heads}")
+                    base = {"criterion": criterion, "ratio": ratio, "allocation": allocation, "heads": heads}
+                    rows.append({"name": name, **base, "recovery": False})
+                    if criterion not in args.recover_criteria.split(",") or ratio not in rec_ratios:
+                        continue
+                    for recipe in args.recover:
+                        tag = hashlib.sha1(recipe.encode()).hexdigest()[:6]
+                        rows.append({"name": f"{name}-rec-{tag}", **base, "recovery": True, "recipe": recipe})
     return rows
 
 
@@ -178,13 +183,20 @@ def recipe_label(recipe: str) -> str:
     return " + ".join(parts) or "?"
 
 
+def heads_removed(manifest: dict) -> tuple[int, int]:
+    """(query heads removed, query heads before), over all layers, from the package's plan."""
+    plan = manifest.get("plan") or {}
+    before = sum(s["num_heads"] for s in plan.get("original_shapes", []))
+    return before - sum(len(layer["q_heads"]) for layer in plan.get("layers", [])), before
+
+
 def _benched(bench_dir: Path) -> list[str]:
     report = json.loads((bench_dir / "bench.json").read_text())
     return list(dict.fromkeys(b["path"] for b in report["rows"] if b["kind"] == "onnx"))
 
 
 def table(rows: list[dict], args, command: str, env: dict) -> str:
-    head = ["criterion", "ratio", "alloc", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok",
+    head = ["criterion", "ratio", "alloc", "heads removed", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok",
             "prune s", "eval s"]
     lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
              f"Command: `{command}`", "",
@@ -195,13 +207,17 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
              f"avg7 = all seven tasks. Decode: fp32, prompt {args.bench_prompt}, 64 new tokens, {args.threads} threads, "
              f"{env.get('cpu', '')}.", "",
              *[f"Recovery `{recipe_label(r)}`: `amp-edge prune ... {r}`." for r in args.recover], "",
+             "heads removed: `prune --heads` rule and the query heads removed over all layers (auto: the count per layer "
+             "with the lowest calibration loss; proportional: the paper's rule, the unit fraction nearest the ratio).", "",
              "prune s: wall time of `amp-edge prune` (calibration, scoring and recovery); eval s: `amp-edge eval` of the "
              "package on every task. Both on a 2-core box that often ran other jobs at the same time: upper bounds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["eval"]["tasks"]
         avg = r["eval"]["average"]
-        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
+        gone, before = r.get("heads_removed") or (0, 0)
+        rule = f"{r.get('heads', 'auto')}: " if r["criterion"] != "dense" else ""
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], f"{rule}{gone} of {before}", recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
                  f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",

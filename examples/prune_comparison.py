@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from amp_edge import CalibrationSpec, allocate, apply_plan, calibration_batches, count_parameters, get_adapter, load_model, perplexity, score
+from amp_edge import (CalibrationSpec, apply_plan, calibration_batches, count_parameters, get_adapter, load_model, perplexity, score,
+                      split_plan)
 from amp_edge.perplexity import read_eval_text
 from amp_edge.scoring import needs_calibration
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--allocations", default="uniform,global")
     ap.add_argument("--gqa", default="query")
+    ap.add_argument("--heads", default="auto", help="head units removed per layer: auto | proportional | N (prune --heads)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/prune_comparison")
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
         scores = score(criterion, get_adapter(loaded.model), batches if needs_calibration(criterion) else [], seed=args.seed)
         for ratio in map(float, args.ratios.split(",")):
             for allocation in args.allocations.split(","):
-                plan = allocate(get_adapter(loaded.model), scores, ratio, allocation, args.gqa)
+                plan = split_plan(get_adapter(loaded.model), scores, args.heads, ratio, allocation, args.gqa, 0.1, "mean", batches)
                 model = apply_plan(copy.deepcopy(loaded.model), plan)
                 rows.append({"criterion": criterion, "ratio": ratio, "allocation": allocation,
                              "params": count_parameters(model), "ppl": ppl(model),
@@ -68,7 +70,7 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("heads", "ffn")}), flush=True)
                 del model
     meta = {"model": args.model, "calibration": spec.to_dict(), "data": args.data, "window": args.window,
-            "max_tokens": args.max_tokens, "gqa": args.gqa, "seconds": round(time.perf_counter() - start),
+            "max_tokens": args.max_tokens, "gqa": args.gqa, "heads": args.heads, "seconds": round(time.perf_counter() - start),
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
     write(Path(args.out), rows, meta)
 
@@ -81,7 +83,8 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
         f"# Pruning comparison: {meta['model']}", "",
         f"WikiText-2 perplexity on the first {meta['max_tokens']} tokens of `{Path(meta['data']).name}` "
         f"(window {meta['window']}, disjoint); calibration {meta['calibration']['num_samples']} x "
-        f"{meta['calibration']['seq_len']} tokens from `{Path(meta['calibration']['source']).name}`; gqa={meta['gqa']}. "
+        f"{meta['calibration']['seq_len']} tokens from `{Path(meta['calibration']['source']).name}`; gqa={meta['gqa']}, "
+        f"heads={meta.get('heads', 'proportional')}. "
         f"Dense: {dense['params']:,} parameters, perplexity {dense['ppl']:.2f}.", "",
         "| ratio | allocation | params | " + " | ".join(c for c in _criteria(rows)) + " |",
         "|---|---|---|" + "---|" * len(_criteria(rows)),

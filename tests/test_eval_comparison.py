@@ -27,7 +27,7 @@ def _module():
 
 def _args(**kw):
     base = dict(criteria="amp,random", ratios="0.2,0.3", allocations="uniform,global", recover=[], recover_criteria="amp",
-                recover_ratios="", global_criteria="")
+                recover_ratios="", global_criteria="", heads="auto", heads_criteria="amp")
     return type("Args", (), base | kw)
 
 
@@ -50,6 +50,16 @@ def test_rows_cover_the_grid_and_tag_the_recovery_recipe():
     assert module.recipe_label("--refit --recover distill --recover-steps 5 --recover-data a/c4.jsonl,b/alpaca.json") == \
         "refit + distill 5 x c4+alpaca"
     assert module.recipe_label("--refit") == "refit"
+
+
+def test_head_rules_are_rows_of_their_own():
+    rows = _module().plan_rows(_args(heads="auto,proportional", ratios="0.3", allocations="uniform",
+                                     recover=["--recover distill"]))
+    names = [r["name"] for r in rows]
+    assert names[:3] == ["dense", "amp-0.3-uniform", f"{rows[2]['name']}"] and rows[2]["recovery"] and rows[2]["heads"] == "auto"
+    assert "amp-0.3-uniform-proportional" in names and "random-0.3-uniform" in names
+    assert "random-0.3-uniform-proportional" not in names  # other rules only for --heads-criteria
+    assert {r["heads"] for r in rows if r["name"].startswith("amp-0.3-uniform-proportional")} == {"proportional"}
 
 
 @pytest.mark.slow  # a dozen amp-edge processes (~3 min on 2 cores)

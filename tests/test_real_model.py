@@ -23,13 +23,13 @@ needs_data = pytest.mark.skipif(not (DATA / "wikitext2" / "test.txt").is_file(),
 
 def test_cli_prunes_smollm2_to_a_plain_checkpoint(tmp_path):
     out = tmp_path / "smollm2-30"
-    res = CliRunner().invoke(app, ["prune", "--ratio", "0.3", "--calib-samples", "8", "--out", str(out), "--json"])
+    res = CliRunner().invoke(app, ["prune", "--ratio", "0.3", "--calib-samples", "8", "--heads", "proportional", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info["params_before"] == 134_515_008 and abs(info["params_removed_fraction"] - 0.3) < 0.005
     assert [row["kv_heads"] for row in info["layers"]] == [[3, 3]] * 30  # gqa=query keeps the KV cache
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_attention_heads == 6 and model.config.head_dim == 64
+    assert model.config.num_attention_heads == 6 and model.config.head_dim == 64  # the paper's rule: 1 unit of 3 heads
     assert sum(p.numel() for p in model.parameters()) == info["params_after"]
 
 
@@ -70,6 +70,9 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
 
     og = pytest.importorskip("onnxruntime_genai")
     pkg, result = smollm2_pkg30
+    split = result.manifest["plan"]["head_split"]  # --heads auto: the candidate with the lowest calibration loss
+    losses = {int(k): v for k, v in split["calibration_loss"].items()}
+    assert split["rule"] == "auto" and set(losses) == {0, 1, 2} and split["head_units"] == min(losses, key=losses.get)
     assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 2e-3
     from transformers import AutoTokenizer
 
