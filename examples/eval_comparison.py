@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--allocations", default="uniform")
     ap.add_argument("--heads", default="auto", help="head rules (prune --heads), comma-separated; rows other than auto's are "
                     "named with the rule, e.g. amp-0.3-uniform-proportional")
-    ap.add_argument("--heads-criteria", default="amp", help="criteria that get the head rules other than the first")
+    ap.add_argument("--heads-criteria", default="amp", help="criteria that get the head rules other than the first "
+                    "(uniform allocation only)")
     ap.add_argument("--recover", action="append", default=[], help='prune options of a recovery recipe, e.g. "--recover distill '
                     '--recover-steps 300"; repeat it for several recipes (a row each); none: no recovery rows')
     ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
@@ -160,7 +161,8 @@ def plan_rows(args) -> list[dict]:
             for allocation in args.allocations.split(","):
                 if allocation != "uniform" and non_uniform is not None and criterion not in non_uniform:
                     continue
-                for heads in rules if criterion in args.heads_criteria.split(",") else rules[:1]:
+                more_rules = criterion in args.heads_criteria.split(",") and allocation == "uniform"  # the paper's setting
+                for heads in rules if more_rules else rules[:1]:
                     name = f"{criterion}-{ratio:g}-{allocation}" + ("" if heads == "auto" else f"-{heads}")
                     base = {"criterion": criterion, "ratio": ratio, "allocation": allocation, "heads": heads}
                     rows.append({"name": name, **base, "recovery": False})

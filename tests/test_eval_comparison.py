@@ -53,12 +53,13 @@ def test_rows_cover_the_grid_and_tag_the_recovery_recipe():
 
 
 def test_head_rules_are_rows_of_their_own():
-    rows = _module().plan_rows(_args(heads="auto,proportional", ratios="0.3", allocations="uniform",
+    rows = _module().plan_rows(_args(heads="auto,proportional", ratios="0.3", allocations="uniform,global",
                                      recover=["--recover distill"]))
     names = [r["name"] for r in rows]
     assert names[:3] == ["dense", "amp-0.3-uniform", f"{rows[2]['name']}"] and rows[2]["recovery"] and rows[2]["heads"] == "auto"
     assert "amp-0.3-uniform-proportional" in names and "random-0.3-uniform" in names
     assert "random-0.3-uniform-proportional" not in names  # other rules only for --heads-criteria
+    assert "amp-0.3-global" in names and "amp-0.3-global-proportional" not in names  # and uniform allocation
     assert {r["heads"] for r in rows if r["name"].startswith("amp-0.3-uniform-proportional")} == {"proportional"}
 
 
