@@ -202,7 +202,8 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
             "prune s", "eval s"]
     lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
              f"Command: `{command}`", "",
-             f"Validation splits, first {args.limit} documents of each task (lm-evaluation-harness prompts, acc); "
+             f"Validation splits, first {args.limit} documents of each task, or all of a shorter split "
+             f"(lm-evaluation-harness prompts, acc); "
              f"WikiText-2 test perplexity over {f'the first {args.max_tokens} tokens' if args.max_tokens else 'the whole file'} "
              f"(window {args.window}, disjoint windows); scores "
              f"of the exported fp32 ONNX package. avg5 = PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c (the paper's average); "
@@ -219,7 +220,7 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
         avg = r["eval"]["average"]
         gone, before = r.get("heads_removed") or (0, 0)
         rule = f"{r.get('heads', 'auto')}: " if r["criterion"] != "dense" else ""
-        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], f"{rule}{gone} of {before}", recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], f"{rule}{gone} of {before}" if before else "-", recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
                  f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",
