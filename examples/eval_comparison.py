@@ -219,8 +219,8 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
         t = r["eval"]["tasks"]
         avg = r["eval"]["average"]
         gone, before = r.get("heads_removed") or (0, 0)
-        rule = f"{r.get('heads', 'auto')}: " if r["criterion"] != "dense" else ""
-        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], f"{rule}{gone} of {before}" if before else "-", recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
+        heads = "-" if r["criterion"] == "dense" else f"{r.get('heads', 'auto')}: {gone} of {before}"
+        cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], heads, recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
                  f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",
