@@ -210,6 +210,35 @@ def eval_cmd(
         _console_print(out_console + (f"written to {out}\n" if out else ""))
 
 
+@app.command("eval-compare")
+@_friendly
+def eval_compare_cmd(
+    reports: list[Path] = typer.Argument(..., help="eval.json files or the folders `amp-edge eval --out` wrote."),
+    names: Optional[str] = typer.Option(None, help="Comma-separated row names (default: each report's folder name)."),
+    ref: int = typer.Option(0, help="Which report (0-based) the others are compared against."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for compare.json and compare.md."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout."),
+):
+    """Eval reports side by side: accuracies, averages and each one's difference from a reference, with its error."""
+    from .checkpoint import check_output
+    from .errors import InvalidOptionError
+    from .evaluation.compare import compare, load_report, markdown, write
+
+    labels = names.split(",") if names else [(p if p.is_dir() else p.parent).name for p in reports]
+    if len(labels) != len(reports):
+        raise InvalidOptionError(f"--names gives {len(labels)} names for {len(reports)} reports")
+    if out is not None:
+        check_output(out, overwrite)
+    result = compare([(label, load_report(p)) for label, p in zip(labels, reports)], ref=ref)
+    if out is not None:
+        write(result, out, overwrite=True)
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        _console_print(markdown(result) + (f"written to {out}\n" if out else ""))
+
+
 @app.command("export")
 @_friendly
 def export_cmd(

@@ -62,6 +62,9 @@ def test_package_scores_equal_its_pytorch_source(models, data_dir):
         assert a["n"] == b["n"] == 4 and a["split"] == "validation"
         assert a["acc"] == b["acc"], task
         assert a.get("acc_norm") == b.get("acc_norm"), task
+        # each document's outcome, in order, for paired comparisons: the same documents, the same mean
+        assert a["docs_sha256"] == b["docs_sha256"] and a["acc_per_doc"] == b["acc_per_doc"], task
+        assert len(a["acc_per_doc"]) == 4 and a["acc_per_doc"].count("1") / 4 == pytest.approx(a["acc"]), task
     ppl_a, ppl_b = torch_report["tasks"]["wikitext2"], onnx_report["tasks"]["wikitext2"]
     assert ppl_a["window"] == 128 and ppl_a["stride"] == 64 and ppl_a["tokens"] == ppl_b["tokens"] > 1000
     assert abs(ppl_a["perplexity"] - ppl_b["perplexity"]) <= 1e-4 * ppl_a["perplexity"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -93,7 +94,7 @@ def _zero_shot(lm, tasks: list[str], spec: EvalSpec) -> dict:
     out = {}
     for task, config in zip(tasks, configs):  # one at a time: each task's wall time is reported
         t0 = time.perf_counter()
-        raw = simple_evaluate(model=lm, tasks=[config], limit=spec.limit, task_manager=manager, log_samples=False, verbosity="ERROR",
+        raw = simple_evaluate(model=lm, tasks=[config], limit=spec.limit, task_manager=manager, log_samples=True, verbosity="ERROR",
                               random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
                               fewshot_random_seed=spec.seed)
         res = raw["results"][task]
@@ -104,8 +105,20 @@ def _zero_shot(lm, tasks: list[str], spec: EvalSpec) -> dict:
                 row[metric] = res[f"{metric},none"]
                 err = res.get(f"{metric}_stderr,none")
                 row[f"{metric}_stderr"] = err if isinstance(err, float) and math.isfinite(err) else None
-        out[task] = row
+        out[task] = row | per_document(raw["samples"][task])
     return out
+
+
+def per_document(samples: list[dict]) -> dict:
+    """Each document's 0/1 outcome in document order ("0110..."), and a fingerprint of the documents: two reports
+    on the same documents can then be compared pairwise (amp-edge eval-compare), which is far less noisy than
+    comparing their accuracies."""
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    row = {"docs_sha256": hashlib.sha256("".join(s["doc_hash"] for s in samples).encode()).hexdigest()[:16]}
+    for metric in ("acc", "acc_norm"):
+        if samples and all(metric in s for s in samples):
+            row[f"{metric}_per_doc"] = "".join("1" if s[metric] else "0" for s in samples)
+    return row
 
 
 class _TorchModel:
