@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from amp_edge.evaluation.compare import Delta, delta
+
 DATA_DIR = Path(os.environ.get("AMP_EDGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"]
 PAPER5 = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
@@ -134,6 +136,8 @@ def main() -> None:
     decode = {b["path"]: b["decode_ms_mean"] for b in bench["rows"] if b["kind"] == "onnx"}
     for row in rows:
         row["decode_ms"] = decode.get(row["package"])
+        if row["criterion"] != "dense":  # rows[0] is the dense model
+            row["delta_avg5"] = delta(row["eval"]["tasks"], rows[0]["eval"]["tasks"], PAPER5).__dict__
 
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
@@ -197,8 +201,12 @@ def _benched(bench_dir: Path) -> list[str]:
     return list(dict.fromkeys(b["path"] for b in report["rows"] if b["kind"] == "onnx"))
 
 
+def _delta_cell(d: dict | None) -> str:
+    return "-" if d is None else Delta(**d).cell() + ("" if d["paired"] else " †")
+
+
 def table(rows: list[dict], args, command: str, env: dict) -> str:
-    head = ["criterion", "ratio", "alloc", "heads removed", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "decode ms/tok",
+    head = ["criterion", "ratio", "alloc", "heads removed", "recovery", "params", "wikitext2 ppl", *TASKS, "avg5", "avg7", "Δavg5 vs dense", "decode ms/tok",
             "prune s", "eval s"]
     lines = [f"# Zero-shot accuracy (acc, %) and perplexity of {args.model}, pruned", "",
              f"Command: `{command}`", "",
@@ -212,6 +220,9 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
              *[f"Recovery `{recipe_label(r)}`: `amp-edge prune ... {r}`." for r in args.recover], "",
              "heads removed: `prune --heads` rule and the query heads removed over all layers (auto: the count per layer "
              "with the lowest calibration loss; proportional: the paper's rule, the unit fraction nearest the ratio).", "",
+             "Δavg5 vs dense: the difference in points ± one standard error, paired (from each document's outcome in "
+             "both evals) unless marked †: unpaired, from lm-eval's per-task errors, for evals made before outcomes "
+             "were recorded. See `amp-edge eval-compare`.", "",
              "prune s: wall time of `amp-edge prune` (calibration, scoring and recovery); eval s: `amp-edge eval` of the "
              "package on every task. Both on a 2-core box that often ran other jobs at the same time: upper bounds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -222,7 +233,7 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
         heads = "-" if r["criterion"] == "dense" else f"{r.get('heads', 'auto')}: {gone} of {before}"
         cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], heads, recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
                  f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
-                 f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}",
+                 f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}", _delta_cell(r.get("delta_avg5")),
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",
                  f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-", f"{r['eval']['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

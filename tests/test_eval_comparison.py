@@ -85,6 +85,9 @@ def test_table_end_to_end_on_a_tiny_model(tmp_path):
         assert r["decode_ms"] > 0 and r["eval"]["tasks"]["piqa"]["n"] == 2
         assert r["eval"]["tasks"]["wikitext2"]["perplexity"] > 1
     assert rows["amp-0.3-uniform+rec"]["prune_seconds"] > 0
+    gap = rows["amp-0.3-uniform"]["delta_avg5"]  # paired: both evals record each document's outcome
+    dense5, amp5 = (100 * rows[k]["eval"]["average"]["paper5_acc"] for k in ("dense", "amp-0.3-uniform"))
+    assert gap["paired"] and gap["value"] == pytest.approx(amp5 - dense5) and "delta_avg5" not in rows["dense"]
     text = (out / "eval_comparison.md").read_text()
     assert text.count("\n| ") == 1 + 4 and "Recovery `distill 2 x calib`: `amp-edge prune ... --recover distill" in text
 

@@ -70,8 +70,8 @@ def compare(reports: list[tuple[str, dict]], ref: int = 0) -> dict:
                "averages": {k: 100 * sum(got[t]["acc"] for t in ts) / len(ts) for k, ts in averages.items()},
                "reference": i == ref}
         if i != ref:
-            row["delta_tasks"] = {t: asdict(_delta(got, base, [t])) for t in tasks}
-            row["delta_averages"] = {k: asdict(_delta(got, base, ts)) for k, ts in averages.items()}
+            row["delta_tasks"] = {t: asdict(delta(got, base, [t])) for t in tasks}
+            row["delta_averages"] = {k: asdict(delta(got, base, ts)) for k, ts in averages.items()}
         rows.append(row)
     return {"reference": reports[ref][0], "tasks": tasks, "averages": averages, "rows": rows,
             "spec": {k: reports[ref][1]["spec"].get(k) for k in _SAME_SPEC}}
@@ -95,7 +95,7 @@ def _check_comparable(reports: list[tuple[str, dict]]) -> None:
                 raise InvalidOptionError(f"{task} scored on {n_a} documents in {name0} and {n_b} in {name}")
 
 
-def _delta(row: dict, base: dict, tasks: list[str]) -> Delta:
+def delta(row: dict, base: dict, tasks: list[str]) -> Delta:
     """Mean over ``tasks`` of (row acc - base acc) and its standard error (tasks are independent samples)."""
     value = 100 * sum(row[t]["acc"] - base[t]["acc"] for t in tasks) / len(tasks)
     paired = all(_same_documents(row[t], base[t]) for t in tasks)
