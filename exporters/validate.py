@@ -196,7 +196,9 @@ def _judge(r: ShapeResult, dtype: str, min_top1: float | None, max_abs: float | 
     if dtype == "fp32":
         bound = fp32_bound(r.logit_absmax, max_abs)
         if r.max_abs_diff > bound:
-            out.append(f"{r.name}: max |Δlogits| {r.max_abs_diff:.2e} > {bound:.2e} (max |logit| {r.logit_absmax:.1f})")
+            # Top-1 agreement tells rounding (1.000, e.g. a badly conditioned pruned model) from a broken graph.
+            out.append(f"{r.name}: max |Δlogits| {r.max_abs_diff:.2e} > {bound:.2e} (max |logit| {r.logit_absmax:.1f}, "
+                       f"top-1 agreement {r.top1_agreement:.3f}; --max-abs-diff sets the bound)")
         if not r.greedy_equal:
             out.append(f"{r.name}: greedy tokens differ from PyTorch at step {r.greedy_first_mismatch} of {GREEDY_STEPS}")
     elif r.top1_agreement < min_top1:

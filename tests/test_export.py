@@ -98,7 +98,7 @@ def test_keep_8bit_and_bound_failure(tmp_path):
         export(str(dense), tmp_path / "strict", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=1.0))
     assert len(e.value.mismatches) == 2 and "single" in str(e.value) and "padded-batch" in str(e.value)
     assert not (tmp_path / "strict").exists()
-    with pytest.raises(ExportValidationError, match="max \\|Δlogits\\| .* > 1.00e-12"):  # an fp32 bound set by the caller
+    with pytest.raises(ExportValidationError, match="max \\|Δlogits\\| .* > 1.00e-12 .*top-1 agreement 1.000; --max-abs-diff sets the bound"):  # an fp32 bound set by the caller
         export(str(dense), tmp_path / "strict32", ExportOptions(ratio=0, max_abs_diff=1e-12))
     with pytest.raises(InvalidOptionError, match="--max-abs-diff must be > 0, got -1"):
         export(str(dense), tmp_path / "bad", ExportOptions(ratio=0, max_abs_diff=-1))
