@@ -14,8 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import atomic_dir
 from ..errors import DataError, InvalidOptionError
+from .report import write_folder
 from .tasks import PAPER_AVERAGE, PERPLEXITY_TASK
 
 # Spec fields that change what a number means; reports that differ in one of them are not comparable.
@@ -155,7 +155,4 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: str | Path, overwrite: bool = False) -> Path:
-    with atomic_dir(out, overwrite) as tmp:
-        (tmp / "compare.json").write_text(json.dumps(result, indent=1))
-        (tmp / "compare.md").write_text(markdown(result))
-    return Path(out)
+    return write_folder(out, "compare", result, markdown(result), overwrite)

@@ -36,7 +36,12 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: str | Path, overwrite: bool = False) -> Path:
+    return write_folder(out, "eval", report, markdown(report), overwrite)
+
+
+def write_folder(out: str | Path, stem: str, data: dict, text: str, overwrite: bool = False) -> Path:
+    """``out``/stem.json and ``out``/stem.md, published together (atomically) or not at all."""
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "eval.json").write_text(json.dumps(report, indent=1))
-        (tmp / "eval.md").write_text(markdown(report))
+        (tmp / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        (tmp / f"{stem}.md").write_text(text)
     return Path(out)
