@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -231,6 +232,7 @@ def eval_compare_cmd(
     if out is not None:
         check_output(out, overwrite)
     result = compare([(label, load_report(p)) for label, p in zip(labels, reports)], ref=ref)
+    result["command"] = shlex.join(["amp-edge", *sys.argv[1:]])
     if out is not None:
         write(result, out, overwrite=True)
     if as_json:

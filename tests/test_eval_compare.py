@@ -98,6 +98,7 @@ def test_cli(tmp_path):
     printed = json.loads(r.output)
     assert [row["name"] for row in printed["rows"]] == ["dense-eval", "pruned-eval"]
     assert json.loads((out / "compare.json").read_text()) == printed and "± 18.26" in (out / "compare.md").read_text()
+    assert printed["command"].startswith("amp-edge") and "Command: `amp-edge" in (out / "compare.md").read_text()
     before = (out / "compare.md").read_text()
     for args, expected in [([str(a), str(b), "--out", str(out)], "already exists"),
                            ([str(a), str(b), "--names", "x"], "--names gives 1 names for 2 reports"),

@@ -130,6 +130,7 @@ def markdown(result: dict) -> str:
     limit = f"first {spec['limit']} documents of each validation split" if spec["limit"] else "full validation splits"
     ppl_note = f"WikiText-2 test, window {spec['window']}" + (f", first {spec['max_tokens']:,} tokens" if spec["max_tokens"] else "")
     lines = [f"# amp-edge eval-compare against {result['reference']}", "",
+             *([f"Command: `{result['command']}`", ""] if result.get("command") else []),
              f"Zero-shot acc, {limit}; {ppl_note}.", "",
              "| model | params | wikitext2 ppl | " + " | ".join(tasks) + " | " + " | ".join(avgs) + " | "
              + " | ".join(f"Δ{a}" for a in avgs) + " |",
