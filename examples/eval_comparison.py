@@ -23,13 +23,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from amp_edge.evaluation.compare import Delta, delta
+from amp_edge.evaluation.tasks import PAPER_AVERAGE
 
 DATA_DIR = Path(os.environ.get("AMP_EDGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"]
-PAPER5 = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
 
 
 def amp(*args: str, log: Path) -> None:
@@ -137,7 +138,7 @@ def main() -> None:
     for row in rows:
         row["decode_ms"] = decode.get(row["package"])
         if row["criterion"] != "dense":  # rows[0] is the dense model
-            row["delta_avg5"] = delta(row["eval"]["tasks"], rows[0]["eval"]["tasks"], PAPER5).__dict__
+            row["delta_avg5"] = asdict(delta(row["eval"]["tasks"], rows[0]["eval"]["tasks"], PAPER_AVERAGE))
 
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
