@@ -86,6 +86,7 @@ def prune(
     recover_steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=_REC),
     recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source); several joined by commas are mixed.", rich_help_panel=_REC),
     recover_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_REC),
+    recover_self_samples: int = typer.Option(128, help="Sequences the dense model writes when --recover-data names 'self' (alone or mixed with files).", rich_help_panel=_REC),
     recover_lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4 distill, 3e-4 lora).", rich_help_panel=_REC),
     recover_batch_size: int = typer.Option(8, help="Sequences per step.", rich_help_panel=_REC),
     recover_micro_batch: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation; default: up to 4).", rich_help_panel=_REC),
@@ -118,7 +119,8 @@ def prune(
         micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed, warmup_steps=recover_warmup,
         schedule=recover_schedule, max_grad_norm=recover_clip, temperature=recover_temperature, ce_weight=recover_ce_weight,
         freeze_embeddings=recover_freeze_embeddings, precision=recover_precision, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every)
+        resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
+        self_samples=recover_self_samples)
     result = run_prune(model, out, opts, plan_path=plan, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
                        recovery=recovery)
     if as_json:

@@ -24,22 +24,30 @@ _ALPACA = ("Below is an instruction that describes a task. Write a response that
            "### Instruction:\n{instruction}\n\n### Response:\n{output}")
 
 
+def _parts(source: str) -> list[str]:
+    return [p.strip() for p in source.split(",") if p.strip()]
+
+
+def wants_self(source: str) -> bool:
+    """Whether ``source`` asks for samples written by the dense model (``self``, alone or among others)."""
+    return SELF in _parts(source)
+
+
 def is_file_source(source: str) -> bool:
     path = Path(source).expanduser()
     return path.is_file() or path.suffix in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~"))
 
 
 def recovery_texts(source: str, field: str | None = None, max_docs: int | None = None) -> list[str] | None:
-    """The documents of ``source``; None for ``self`` (generated later by the dense model).
+    """The documents of ``source``; None for ``self`` alone (generated later by the dense model).
 
-    Several sources joined by commas are mixed (their documents pooled, then shuffled when packed)."""
-    parts = [p.strip() for p in source.split(",") if p.strip()]
-    if len(parts) > 1:
-        if SELF in parts:
-            raise RecoveryError(f"recovery data 'self' cannot be mixed with other sources, got {source!r}")
-        return [t for part in parts for t in recovery_texts(part, field, max_docs)]
-    if source == SELF:
+    Several sources joined by commas are mixed (their documents pooled, then shuffled when packed); a ``self``
+    among them adds the dense model's samples to those rows (see :func:`wants_self`)."""
+    parts = [p for p in _parts(source) if p != SELF]
+    if not parts:
         return None
+    if len(parts) > 1 or wants_self(source):
+        return [t for part in parts for t in recovery_texts(part, field, max_docs)]
     if is_file_source(source):
         texts = read_recovery_file(Path(source).expanduser(), field)
     else:
@@ -109,15 +117,18 @@ def pack(texts: list[str], tokenizer, seq_len: int, seed: int, source: str = "")
 
 def recovery_rows(texts: list[str] | None, tokenizer, seq_len: int, seed: int, source: str = "",
                   dense_model=None, self_samples: int = 128, batch_size: int = 8) -> torch.Tensor:
-    """Token rows for training: packed ``texts``, or, when ``texts`` is None, samples ``dense_model`` writes."""
-    if texts is not None:
-        return pack(texts, tokenizer, seq_len, seed, source)
+    """Token rows for training: packed ``texts``, then ``self_samples`` rows ``dense_model`` writes when ``texts``
+    is None or ``source`` names ``self`` among other sources."""
+    packed = pack(texts, tokenizer, seq_len, seed, source) if texts is not None else None
+    if packed is not None and not wants_self(source):
+        return packed
     if dense_model is None:
         raise RecoveryError("self-generated recovery data needs a model to generate it")
     spec = CalibrationSpec(SELF, num_samples=self_samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     was_training = dense_model.training
     dense_model.eval()
     try:
-        return self_generated(dense_model, tokenizer, spec)
+        written = self_generated(dense_model, tokenizer, spec)
+        return written if packed is None else torch.cat([packed, written])  # batches draw rows by a seeded permutation
     finally:
         dense_model.train(was_training)

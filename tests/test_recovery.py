@@ -16,7 +16,7 @@ from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError, RecoveryError
 from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover
-from amp_edge.recovery_data import pack, read_recovery_file, recovery_texts
+from amp_edge.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
 from amp_edge.recovery_state import STATE_FILE
 
 from .tiny import char_tokenizer, save_tiny, tiny_model
@@ -212,8 +212,8 @@ def test_data_files_alpaca_jsonl_txt(tmp_path):
     assert read_recovery_file(txt) == ["one doc", "another doc"]
     mixed = recovery_texts(f"{jsonl},{txt}")
     assert mixed == TEXTS[:3] + ["one doc", "another doc"]
-    with pytest.raises(RecoveryError, match="'self' cannot be mixed"):
-        recovery_texts(f"self,{txt}")
+    assert recovery_texts(f"self,{txt}") == ["one doc", "another doc"] and wants_self(f"{txt}, self")
+    assert recovery_texts("self") is None and not wants_self(f"{jsonl},{txt}")
     rows = pack(TEXTS, char_tokenizer(), 16, seed=0)
     assert rows.shape[1] == 16 and rows.shape[0] == sum(len(t) + 1 for t in TEXTS) // 16
     with pytest.raises(RecoveryError, match="fewer than one sequence of 4096"):
@@ -289,6 +289,18 @@ def test_recover_self_generated_data(tiny_dir):
     assert result.data == "self" and result.sequences == 4
 
 
+def test_self_samples_mixed_with_a_file(tmp_path):
+    dense, _ = _pruned("llama")
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(TEXTS[:10]))
+    source = f"{txt},self"
+    packed = pack(recovery_texts(source), char_tokenizer(), 16, seed=0)
+    mixed = recovery_rows(recovery_texts(source), char_tokenizer(), 16, 0, source, dense, self_samples=3)
+    assert mixed.shape == (packed.shape[0] + 3, 16)
+    assert torch.equal(mixed[: packed.shape[0]], packed)  # the file's rows first, then the 3 written ones
+    assert not torch.equal(mixed[-3:], packed[:3])
+
+
 def _bad_cases(tiny_dir, tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
@@ -303,11 +315,13 @@ def _bad_cases(tiny_dir, tmp_path):
         "empty data": (["--recover", "lora", "--recover-data", empty], "holds no text"),
         "blank text": (["--recover", "distill", "--recover-data", blank], "holds no text"),
         "half precision": (["--recover", "lora", "--dtype", "float16"], "recovery trains in float32; got --dtype float16"),
+        "no self samples": (["--recover", "distill", "--recover-data", "self", "--recover-self-samples", 0],
+                            "self_samples must be >= 1, got 0"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown method", "steps zero", "lr zero", "lr negative", "missing data", "empty data",
-                                  "blank text", "half precision"])
+                                  "blank text", "half precision", "no self samples"])
 def test_cli_bad_recovery_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, case):
     args, match = _bad_cases(tiny_dir, tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
