@@ -43,11 +43,12 @@ def recovery_texts(source: str, field: str | None = None, max_docs: int | None =
 
     Several sources joined by commas are mixed (their documents pooled, then shuffled when packed); a ``self``
     among them adds the dense model's samples to those rows (see :func:`wants_self`)."""
-    parts = [p for p in _parts(source) if p != SELF]
-    if not parts:
+    parts = _parts(source)
+    others = [p for p in parts if p != SELF]
+    if parts and not others:
         return None
-    if len(parts) > 1 or wants_self(source):
-        return [t for part in parts for t in recovery_texts(part, field, max_docs)]
+    if others and others != [source]:  # several sources, or one beside 'self'
+        return [t for part in others for t in recovery_texts(part, field, max_docs)]
     if is_file_source(source):
         texts = read_recovery_file(Path(source).expanduser(), field)
     else:
