@@ -136,7 +136,7 @@ def _chunk(stream: list[int], spec: CalibrationSpec) -> torch.Tensor:
     return torch.tensor(stream[: n * spec.seq_len], dtype=torch.long).reshape(n, spec.seq_len)
 
 
-def self_generated(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+def self_generated(model, tokenizer, spec: CalibrationSpec, desc: str = "generating calibration") -> torch.Tensor:
     """Samples the model writes itself, each from a random first token (data-free calibration)."""
     gen = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
@@ -147,7 +147,7 @@ def self_generated(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     # 18 s in one batch of 32, 38 s in four of 8
     step = max(spec.batch_size, min(spec.num_samples, _GENERATE_BATCH))
     batches = range(0, spec.num_samples, step)
-    for start in tqdm(batches, desc="generating calibration", unit="batch", leave=False):
+    for start in tqdm(batches, desc=desc, unit="batch", leave=False):
         n = min(step, spec.num_samples - start)
         first = torch.randint(0, vocab, (n, 1), generator=gen)
         if tokenizer.bos_token_id is not None:

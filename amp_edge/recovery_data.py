@@ -44,8 +44,10 @@ def recovery_texts(source: str, field: str | None = None, max_docs: int | None =
     Several sources joined by commas are mixed (their documents pooled, then shuffled when packed); a ``self``
     among them adds the dense model's samples to those rows (see :func:`wants_self`)."""
     parts = _parts(source)
+    if not parts:
+        raise RecoveryError(f"recovery data is empty ({source!r}); give a file, a calibration data set name or 'self'")
     others = [p for p in parts if p != SELF]
-    if parts and not others:
+    if not others:
         return None
     if others and others != [source]:  # several sources, or one beside 'self'
         return [t for part in others for t in recovery_texts(part, field, max_docs)]
@@ -129,7 +131,7 @@ def recovery_rows(texts: list[str] | None, tokenizer, seq_len: int, seed: int, s
     was_training = dense_model.training
     dense_model.eval()
     try:
-        written = self_generated(dense_model, tokenizer, spec)
+        written = self_generated(dense_model, tokenizer, spec, desc="generating recovery data")
         return written if packed is None else torch.cat([packed, written])  # batches draw rows by a seeded permutation
     finally:
         dense_model.train(was_training)

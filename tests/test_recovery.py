@@ -214,6 +214,9 @@ def test_data_files_alpaca_jsonl_txt(tmp_path):
     assert mixed == TEXTS[:3] + ["one doc", "another doc"]
     assert recovery_texts(f"self,{txt}") == ["one doc", "another doc"] and wants_self(f"{txt}, self")
     assert recovery_texts("self") is None and not wants_self(f"{jsonl},{txt}")
+    for empty in ("", " , "):
+        with pytest.raises(RecoveryError, match="recovery data is empty"):
+            recovery_texts(empty)
     rows = pack(TEXTS, char_tokenizer(), 16, seed=0)
     assert rows.shape[1] == 16 and rows.shape[0] == sum(len(t) + 1 for t in TEXTS) // 16
     with pytest.raises(RecoveryError, match="fewer than one sequence of 4096"):
