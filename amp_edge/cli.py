@@ -96,7 +96,7 @@ def prune(
     recover_clip: float = typer.Option(1.0, help="Gradient norm clip (0: none).", rich_help_panel=_REC),
     recover_temperature: float = typer.Option(1.0, help="distill: softmax temperature.", rich_help_panel=_REC),
     recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
-    recover_precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast, fp32 master weights: ~2.7x faster on CPUs with AMX/AVX512-BF16).", rich_help_panel=_REC),
+    recover_precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast, fp32 master weights: ~2.7x faster on CPUs with AMX/AVX512-BF16; fp32 is used where bf16 has no native kernels).", rich_help_panel=_REC),
     recover_freeze_embeddings: bool = typer.Option(False, "--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", rich_help_panel=_REC),
     lora_r: int = typer.Option(8, help="lora: rank.", rich_help_panel=_REC),
     lora_alpha: float = typer.Option(16.0, help="lora: scale numerator (scale = alpha / r).", rich_help_panel=_REC),

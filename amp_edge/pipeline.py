@@ -19,7 +19,7 @@ from .checkpoint import check_output, save_pruned
 from .errors import InvalidOptionError, UnsupportedArchitectureError
 from .memory import release_memory
 from .plan import PruningPlan
-from .recovery import RECOVERY_FILE, RecoverySpec, recover
+from .recovery import RECOVERY_FILE, RecoverySpec, recover, usable_precision
 from .recovery_data import recovery_rows, recovery_texts
 from .refit import RefitSpec, load_refitted, refit_weights
 from .scoring import criteria, needs_calibration, score
@@ -159,6 +159,7 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     plan.versions = versions()
     teacher, rows = None, None
     if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
+        recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
         rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
                              loaded.model, recovery.self_samples, recovery.batch_size)
         teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError, RecoveryError
-from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover
+import amp_edge.recovery as recovery_module
+from amp_edge.recovery import RecoverySpec, bf16_is_fast, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
 from amp_edge.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
 from amp_edge.recovery_state import STATE_FILE
 
@@ -284,6 +285,21 @@ def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):
     assert (tmp_path / "state" / STATE_FILE).is_file()  # an explicit resume folder is kept
     model = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == info["params_after"]
+
+
+def test_bf16_falls_back_to_fp32_where_it_has_no_kernels(tiny_dir, data_file, tmp_path, monkeypatch, caplog):
+    # an AVX2-only CPU runs bf16 matmuls ~100x slower than fp32: asking for bf16 there must not cost a day
+    assert bf16_is_fast(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    spec = _spec("distill", precision="bf16")
+    monkeypatch.setattr(recovery_module, "bf16_is_fast", lambda device: True)
+    assert usable_precision(spec, torch.device("cpu")) is spec
+    monkeypatch.setattr(recovery_module, "bf16_is_fast", lambda device: False)
+    assert usable_precision(spec, torch.device("cpu")).precision == "fp32" and spec.precision == "bf16"
+    res = run("prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "distill", "--recover-precision", "bf16",
+              "--out", tmp_path / "out", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["recovery"]["spec"]["precision"] == "fp32"
+    assert "no native bfloat16 kernels" in caplog.text
 
 
 def test_recover_self_generated_data(tiny_dir):
