@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter
 from .calibration import SELF
 from .errors import InvalidOptionError
+from .hardware import half_is_fast
 from .recovery_data import recovery_rows, recovery_texts
 from .recovery_state import ResumeState, fingerprint, load_state, save_state
 
@@ -113,23 +114,9 @@ class RecoverySpec:
         return d
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls have native kernels on ``device``. A CPU without AVX512-BF16 or AMX (an AVX2-only
-    EPYC, say) gets a scalar one-thread fallback instead: 1024x576 @ 576x1536 took 1611 ms there against 15.8 ms in
-    fp32, and a recovery step 200 s against ~6 s."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without the probe: trust the choice
-        return True
-
-
 def usable_precision(spec: RecoverySpec, device: torch.device) -> RecoverySpec:
     """``spec``, in fp32 when it asks for bf16 where bf16 has no fast kernels (it would be ~30x slower, not faster)."""
-    if spec.precision != "bf16" or bf16_is_fast(device):
+    if spec.precision != "bf16" or half_is_fast(torch.bfloat16, device):
         return spec
     log.warning("recovery: this %s has no native bfloat16 kernels (no AVX512-BF16/AMX), where bf16 runs ~30x slower "
                 "than fp32; training in fp32 instead (--recover-precision fp32)", device.type.upper())

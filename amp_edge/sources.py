@@ -13,6 +13,7 @@ import torch
 
 from . import gguf_cache
 from .errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
+from .hardware import half_is_fast
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,6 +86,9 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
     where = resolve(source)
     td = torch_dtype(dtype)
+    if isinstance(td, torch.dtype) and not half_is_fast(td):
+        log.warning("--dtype %s has no native kernels on this CPU (no AVX512-BF16/FP16 or AMX): its matmuls run ~100x "
+                    "slower than float32 here", dtype)
     if where["kind"] == "folder" and is_per_layer(where["path"]):
         model = load_pruned(where["path"], dtype=dtype)
         tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"]), source)

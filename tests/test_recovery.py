@@ -16,7 +16,8 @@ from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError, RecoveryError
 import amp_edge.recovery as recovery_module
-from amp_edge.recovery import RecoverySpec, bf16_is_fast, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
+from amp_edge.hardware import half_is_fast
+from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
 from amp_edge.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
 from amp_edge.recovery_state import STATE_FILE
 
@@ -289,17 +290,28 @@ def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):
 
 def test_bf16_falls_back_to_fp32_where_it_has_no_kernels(tiny_dir, data_file, tmp_path, monkeypatch, caplog):
     # an AVX2-only CPU runs bf16 matmuls ~100x slower than fp32: asking for bf16 there must not cost a day
-    assert bf16_is_fast(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert half_is_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported() and half_is_fast(torch.float32)
     spec = _spec("distill", precision="bf16")
-    monkeypatch.setattr(recovery_module, "bf16_is_fast", lambda device: True)
+    monkeypatch.setattr(recovery_module, "half_is_fast", lambda dtype, device: True)
     assert usable_precision(spec, torch.device("cpu")) is spec
-    monkeypatch.setattr(recovery_module, "bf16_is_fast", lambda device: False)
+    monkeypatch.setattr(recovery_module, "half_is_fast", lambda dtype, device: False)
     assert usable_precision(spec, torch.device("cpu")).precision == "fp32" and spec.precision == "bf16"
     res = run("prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "distill", "--recover-precision", "bf16",
               "--out", tmp_path / "out", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["recovery"]["spec"]["precision"] == "fp32"
     assert "no native bfloat16 kernels" in caplog.text
+
+
+def test_half_precision_load_warns_where_it_is_slow(tiny_dir, monkeypatch, caplog):
+    import amp_edge.sources as sources
+
+    for fast, warned in ((True, False), (False, True)):
+        caplog.clear()
+        monkeypatch.setattr(sources, "half_is_fast", lambda dtype, fast=fast: fast)
+        model = sources.load_model(str(tiny_dir), dtype="bfloat16").model
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert ("--dtype bfloat16 has no native kernels" in caplog.text) == warned
 
 
 def test_recover_self_generated_data(tiny_dir):
