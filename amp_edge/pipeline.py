@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -20,7 +21,8 @@ from .errors import InvalidOptionError, UnsupportedArchitectureError
 from .memory import release_memory
 from .plan import PruningPlan
 from .recovery import RECOVERY_FILE, RecoverySpec, recover, usable_precision
-from .recovery_data import recovery_rows, recovery_texts
+from .recovery_data import recovery_rows, recovery_texts, wants_self
+from .recovery_state import fingerprint, load_rows, save_rows
 from .refit import RefitSpec, load_refitted, refit_weights
 from .scoring import criteria, needs_calibration, score
 from .split import parse_heads, split_plan
@@ -160,8 +162,7 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     teacher, rows = None, None
     if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
         recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
-        rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
-                             loaded.model, recovery.self_samples, recovery.batch_size)
+        rows = _recovery_rows(recovery, texts, loaded)
         teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None
         if teacher is not None and recovery.precision == "bf16":
             teacher.to(torch.bfloat16)  # it only runs under bf16 autocast: half the memory, no per-step weight casts
@@ -192,6 +193,27 @@ def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):
     info = {**opts.refit.to_dict(), "source": spec.source, "tokens": sum(b.numel() for b in batches),
             "seconds": round(time.perf_counter() - start, 1)}
     return weights, info
+
+
+def _recovery_rows(recovery: RecoverySpec, texts: list[str] | None, loaded: LoadedModel) -> torch.Tensor:
+    """Training rows. Those the dense model writes are slow (1024 x 256 tokens: 52 min on a 2-core CPU), so with a
+    resume folder they are kept there and a rerun after an interruption reads them back instead of writing them again."""
+    keep = recovery.resume_dir if wants_self(recovery.source) else None
+    key = None
+    if keep:
+        text_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:32] if texts is not None else None
+        key = {"source": recovery.source, "seq_len": recovery.seq_len, "seed": recovery.seed, "texts": text_hash,
+               "self_samples": recovery.self_samples, "batch_size": recovery.batch_size,
+               "model": fingerprint(loaded.model.parameters())}
+        rows = load_rows(keep, key)
+        if rows is not None:
+            log.info("recovery: the dense model's samples read back from %s", keep)
+            return rows
+    rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
+                         loaded.model, recovery.self_samples, recovery.batch_size)
+    if keep:
+        save_rows(keep, rows, key)
+    return rows
 
 
 def _check_recovery(recovery: RecoverySpec | None, dtype: str) -> list[str] | None:

@@ -23,6 +23,7 @@ from .errors import RecoveryError
 
 log = logging.getLogger(__name__)
 STATE_FILE = "recovery_state.safetensors"
+ROWS_FILE = "recovery_rows.safetensors"  # the dense model's own samples, kept for a rerun
 STATE_FORMAT = 1
 _META_KEY = "amp_edge_recovery_state"
 
@@ -62,15 +63,42 @@ def save_state(folder: str | Path, params, optimizer: torch.optim.Optimizer, sta
     tensors["rng"] = torch.get_rng_state()
     info = {"format": STATE_FORMAT, "step": state.step, "losses": state.losses, "meta": state.meta,
             "param_groups": opt["param_groups"], "opt_scalars": scalars}
-    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
+    return _write(folder / STATE_FILE, tensors, info)
+
+
+def _write(path: Path, tensors: dict, info: dict) -> Path:
+    """safetensors beside ``path``, then moved into place: an interrupted write leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(info)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, folder / STATE_FILE)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return folder / STATE_FILE
+    return path
+
+
+def save_rows(folder: str | Path, rows: torch.Tensor, key: dict) -> Path:
+    """Keep training rows in ``folder`` under ``key`` (what they were made from)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _write(folder / ROWS_FILE, {"rows": rows.contiguous()}, {"key": key})
+
+
+def load_rows(folder: str | Path, key: dict) -> torch.Tensor | None:
+    """The rows kept in ``folder`` under the same ``key``; None when there are none, or they were made otherwise."""
+    path = Path(folder) / ROWS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            if json.loads(f.metadata()[_META_KEY]).get("key") != json.loads(json.dumps(key)):
+                return None
+            return f.get_tensor("rows")
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        log.warning("cannot read kept recovery rows %s (%s); writing them again", path, e)
+        return None
 
 
 def load_state(folder: str | Path, params, meta: dict, restart_on_mismatch: bool = False) -> ResumeState:

@@ -19,7 +19,7 @@ import amp_edge.recovery as recovery_module
 from amp_edge.hardware import half_is_fast
 from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
 from amp_edge.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
-from amp_edge.recovery_state import STATE_FILE
+from amp_edge.recovery_state import ROWS_FILE, STATE_FILE
 
 from .tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -318,6 +318,27 @@ def test_recover_self_generated_data(tiny_dir):
     dense, student = _pruned("llama")
     result = recover(student, dense, char_tokenizer(), _spec("distill", steps=2, self_samples=4, seq_len=16), progress=False)
     assert result.data == "self" and result.sequences == 4
+
+
+def test_self_written_rows_are_kept_for_a_rerun(tiny_dir, data_file, tmp_path, monkeypatch):
+    import amp_edge.recovery_data as recovery_data
+
+    written = []
+    real = recovery_data.self_generated
+    monkeypatch.setattr(recovery_data, "self_generated", lambda *a, **k: written.append(1) or real(*a, **k))
+    state = tmp_path / "state"
+    args = ["prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "distill", "--recover-data", f"{data_file},self",
+            "--recover-resume-dir", state, "--out", tmp_path / "out", "--overwrite"]
+    assert run(*args, "--recover-self-samples", 3).exit_code == 0 and len(written) == 1
+    assert (state / ROWS_FILE).is_file()
+    first = load_pruned(tmp_path / "out").state_dict()
+    (state / STATE_FILE).unlink()  # train again from step 0, on the kept rows
+    res = run(*args, "--recover-self-samples", 3, "--json")
+    assert res.exit_code == 0 and len(written) == 1, res.output
+    again = load_pruned(tmp_path / "out").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    (state / STATE_FILE).unlink()
+    assert run(*args, "--recover-self-samples", 5).exit_code == 0 and len(written) == 2  # other rows: written anew
 
 
 def test_self_samples_mixed_with_a_file(tmp_path):
