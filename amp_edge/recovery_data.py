@@ -49,7 +49,7 @@ def recovery_texts(source: str, field: str | None = None, max_docs: int | None =
     others = [p for p in parts if p != SELF]
     if not others:
         return None
-    if others and others != [source]:  # several sources, or one beside 'self'
+    if others != [source]:  # several sources, or one beside 'self'
         return [t for part in others for t in recovery_texts(part, field, max_docs)]
     if is_file_source(source):
         texts = read_recovery_file(Path(source).expanduser(), field)
