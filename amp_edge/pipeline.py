@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -21,7 +20,7 @@ from .errors import InvalidOptionError, UnsupportedArchitectureError
 from .memory import release_memory
 from .plan import PruningPlan
 from .recovery import RECOVERY_FILE, RecoverySpec, recover, usable_precision
-from .recovery_data import recovery_rows, recovery_texts, wants_self
+from .recovery_data import recovery_rows, recovery_texts, wants_self, write_samples
 from .recovery_state import fingerprint, load_rows, save_rows
 from .refit import RefitSpec, load_refitted, refit_weights
 from .scoring import criteria, needs_calibration, score
@@ -197,23 +196,19 @@ def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):
 
 def _recovery_rows(recovery: RecoverySpec, texts: list[str] | None, loaded: LoadedModel) -> torch.Tensor:
     """Training rows. Those the dense model writes are slow (1024 x 256 tokens: 52 min on a 2-core CPU), so with a
-    resume folder they are kept there and a rerun after an interruption reads them back instead of writing them again."""
-    keep = recovery.resume_dir if wants_self(recovery.source) else None
-    key = None
-    if keep:
-        text_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:32] if texts is not None else None
-        key = {"source": recovery.source, "seq_len": recovery.seq_len, "seed": recovery.seed, "texts": text_hash,
-               "self_samples": recovery.self_samples, "batch_size": recovery.batch_size,
+    resume folder they are kept there and a rerun reads them back instead of writing them again."""
+    r, written = recovery, None
+    if r.resume_dir and wants_self(r.source):
+        key = {"seq_len": r.seq_len, "seed": r.seed, "self_samples": r.self_samples, "batch_size": r.batch_size,
                "model": fingerprint(loaded.model.parameters())}
-        rows = load_rows(keep, key)
-        if rows is not None:
-            log.info("recovery: the dense model's samples read back from %s", keep)
-            return rows
-    rows = recovery_rows(texts, loaded.tokenizer, recovery.seq_len, recovery.seed, recovery.source,
-                         loaded.model, recovery.self_samples, recovery.batch_size)
-    if keep:
-        save_rows(keep, rows, key)
-    return rows
+        written = load_rows(r.resume_dir, key)
+        if written is None:
+            written = write_samples(loaded.model, loaded.tokenizer, r.seq_len, r.seed, r.self_samples, r.batch_size)
+            save_rows(r.resume_dir, written, key)
+        else:
+            log.info("recovery: the dense model's samples read back from %s", r.resume_dir)
+    return recovery_rows(texts, loaded.tokenizer, r.seq_len, r.seed, r.source, loaded.model, r.self_samples,
+                         r.batch_size, written)
 
 
 def _check_recovery(recovery: RecoverySpec | None, dtype: str) -> list[str] | None:

@@ -119,19 +119,26 @@ def pack(texts: list[str], tokenizer, seq_len: int, seed: int, source: str = "")
 
 
 def recovery_rows(texts: list[str] | None, tokenizer, seq_len: int, seed: int, source: str = "",
-                  dense_model=None, self_samples: int = 128, batch_size: int = 8) -> torch.Tensor:
+                  dense_model=None, self_samples: int = 128, batch_size: int = 8,
+                  written: torch.Tensor | None = None) -> torch.Tensor:
     """Token rows for training: packed ``texts``, then ``self_samples`` rows ``dense_model`` writes when ``texts``
-    is None or ``source`` names ``self`` among other sources."""
+    is None or ``source`` names ``self`` among other sources (``written``: those rows, already written)."""
     packed = pack(texts, tokenizer, seq_len, seed, source) if texts is not None else None
     if packed is not None and not wants_self(source):
         return packed
+    if written is None:
+        written = write_samples(dense_model, tokenizer, seq_len, seed, self_samples, batch_size)
+    return written if packed is None else torch.cat([packed, written])  # batches draw rows by a seeded permutation
+
+
+def write_samples(dense_model, tokenizer, seq_len: int, seed: int, self_samples: int, batch_size: int) -> torch.Tensor:
+    """``self_samples`` rows of ``seq_len`` tokens that ``dense_model`` writes itself (seeded)."""
     if dense_model is None:
         raise RecoveryError("self-generated recovery data needs a model to generate it")
     spec = CalibrationSpec(SELF, num_samples=self_samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     was_training = dense_model.training
     dense_model.eval()
     try:
-        written = self_generated(dense_model, tokenizer, spec, desc="generating recovery data")
-        return written if packed is None else torch.cat([packed, written])  # batches draw rows by a seeded permutation
+        return self_generated(dense_model, tokenizer, spec, desc="generating recovery data")
     finally:
         dense_model.train(was_training)

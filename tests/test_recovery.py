@@ -327,8 +327,9 @@ def test_self_written_rows_are_kept_for_a_rerun(tiny_dir, data_file, tmp_path, m
     real = recovery_data.self_generated
     monkeypatch.setattr(recovery_data, "self_generated", lambda *a, **k: written.append(1) or real(*a, **k))
     state = tmp_path / "state"
-    args = ["prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "distill", "--recover-data", f"{data_file},self",
-            "--recover-resume-dir", state, "--out", tmp_path / "out", "--overwrite"]
+    args = ["prune", tiny_dir, "--calib", data_file, *SMALL, "--recover", "distill", "--recover-resume-dir", state,
+            "--out", tmp_path / "out", "--overwrite", "--recover-data"]
+    args, self_only = [*args, f"{data_file},self"], [*args, "self"]
     assert run(*args, "--recover-self-samples", 3).exit_code == 0 and len(written) == 1
     assert (state / ROWS_FILE).is_file()
     first = load_pruned(tmp_path / "out").state_dict()
@@ -338,7 +339,9 @@ def test_self_written_rows_are_kept_for_a_rerun(tiny_dir, data_file, tmp_path, m
     again = load_pruned(tmp_path / "out").state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
     (state / STATE_FILE).unlink()
-    assert run(*args, "--recover-self-samples", 5).exit_code == 0 and len(written) == 2  # other rows: written anew
+    assert run(*self_only, "--recover-self-samples", 3).exit_code == 0 and len(written) == 1  # other files, same samples
+    (state / STATE_FILE).unlink()
+    assert run(*args, "--recover-self-samples", 5).exit_code == 0 and len(written) == 2  # other samples: written anew
 
 
 def test_self_samples_mixed_with_a_file(tmp_path):
