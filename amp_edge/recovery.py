@@ -118,8 +118,9 @@ def usable_precision(spec: RecoverySpec, device: torch.device) -> RecoverySpec:
     """``spec``, in fp32 when it asks for bf16 where bf16 has no fast kernels (its steps would be ~12x slower, not faster)."""
     if spec.precision != "bf16" or half_is_fast(torch.bfloat16, device):
         return spec
-    log.warning("recovery: this %s has no native bfloat16 kernels (no AVX512-BF16/AMX), where bf16 matmuls run ~100x "
-                "slower than fp32; training in fp32 instead (--recover-precision fp32)", device.type.upper())
+    why = ("CPU has no native bfloat16 kernels (no AVX512-BF16/AMX), where bf16 matmuls run ~100x slower than fp32"
+           if device.type == "cpu" else f"{device.type.upper()} device has no native bfloat16 kernels")
+    log.warning("recovery: this %s; training in fp32 instead (--recover-precision fp32)", why)
     return replace(spec, precision="fp32")
 
 

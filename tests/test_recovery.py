@@ -339,7 +339,7 @@ def test_self_written_rows_are_kept_for_a_rerun(tiny_dir, data_file, tmp_path, m
     again = load_pruned(tmp_path / "out").state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
     (state / STATE_FILE).unlink()
-    assert run(*self_only, "--recover-self-samples", 3).exit_code == 0 and len(written) == 1  # other files, same samples
+    assert run(*self_only, "--recover-self-samples", 3).exit_code == 0 and len(written) == 1  # self alone: the same kept samples
     (state / STATE_FILE).unlink()
     assert run(*args, "--recover-self-samples", 5).exit_code == 0 and len(written) == 2  # other samples: written anew
 
