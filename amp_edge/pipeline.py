@@ -14,7 +14,7 @@ import torch
 
 from .adapters import get_adapter, supported_model_types
 from .allocation import check_options
-from .calibration import CalibrationSpec, calibration_batches
+from .calibration import CalibrationSpec, calibration_batches, generate_rows
 from .checkpoint import check_output, save_pruned
 from .errors import InvalidOptionError, UnsupportedArchitectureError
 from .memory import release_memory
@@ -200,7 +200,7 @@ def _recovery_rows(recovery: RecoverySpec, texts: list[str] | None, loaded: Load
     r, written = recovery, None
     if r.resume_dir and wants_self(r.source):
         key = {"seq_len": r.seq_len, "seed": r.seed, "self_samples": r.self_samples, "batch_size": r.batch_size,
-               "model": fingerprint(loaded.model.parameters())}
+               "generate_rows": generate_rows(loaded.model, r.seq_len), "model": fingerprint(loaded.model.parameters())}
         written = load_rows(r.resume_dir, key)
         if written is None:
             written = write_samples(loaded.model, loaded.tokenizer, r.seq_len, r.seed, r.self_samples, r.batch_size)

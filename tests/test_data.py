@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 from amp_edge import CalibrationSpec, calibration_batches, perplexity
+from amp_edge.calibration import generate_rows
 from amp_edge.errors import CalibrationError, DataError, InvalidOptionError
 from amp_edge.perplexity import read_eval_text
 
@@ -50,6 +52,21 @@ def test_self_generated_calibration_is_seeded_and_full_length():
     a, b = _rows(calibration_batches(spec, model, tok)), _rows(calibration_batches(spec, model, tok))
     assert a.shape == (3, 10) and torch.equal(a, b)
     assert (a[:, 0] == tok.bos_token_id).all()
+
+
+@pytest.mark.parametrize("config, rows, long_rows", [
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims; 256 tokens fill 11.8 MB a row, so the cap of 128 rows binds
+    (LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, vocab_size=49152), 128, 2),
+    # Phi-3-mini: 32 layers x 32 KV heads x 96 dims, 201 MB a row: 10 rows in 2 GiB
+    (Phi3Config(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, intermediate_size=8192,
+                vocab_size=32064), 10, 1),
+])
+def test_generate_rows_keep_the_kv_cache_within_budget(config, rows, long_rows):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert generate_rows(model, 256) == rows
+    assert generate_rows(model, 256 * 64) == long_rows  # 16k tokens: 2 rows of 754 MB; one of 12.9 GB, never 0
 
 
 @pytest.mark.parametrize("content, match", [
