@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .errors import CalibrationError, InvalidOptionError
+from .memory import heap_for_growing_cache
 
 log = logging.getLogger(__name__)
 SELF = "self"
@@ -162,10 +163,11 @@ def self_generated(model, tokenizer, spec: CalibrationSpec, desc: str = "generat
         first = torch.randint(0, vocab, (n, 1), generator=gen)
         if tokenizer.bos_token_id is not None:
             first = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), first], dim=1)
-        out = model.generate(
-            input_ids=first.to(device), attention_mask=torch.ones_like(first).to(device),
-            do_sample=True, top_p=0.95, temperature=1.0, max_length=spec.seq_len, min_length=spec.seq_len,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
+        with heap_for_growing_cache():
+            out = model.generate(
+                input_ids=first.to(device), attention_mask=torch.ones_like(first).to(device),
+                do_sample=True, top_p=0.95, temperature=1.0, max_length=spec.seq_len, min_length=spec.seq_len,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
         rows.append(out[:, : spec.seq_len].cpu())
     return torch.cat(rows)

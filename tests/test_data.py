@@ -113,3 +113,15 @@ def test_perplexity_bad_input(tmp_path):
         read_eval_text(tmp_path / "empty.txt")
     with pytest.raises(InvalidOptionError, match="stride"):
         perplexity(tiny_model("llama"), char_tokenizer(), TEXT, window=16, stride=32)
+
+
+@pytest.mark.parametrize("capped, calls", [(True, [32 << 20, 4 << 20]), (False, [])])
+def test_generation_lifts_the_mmap_cap_only_where_the_cli_set_it(monkeypatch, capped, calls):
+    from amp_edge import memory
+
+    seen = []
+    monkeypatch.setattr(memory, "_capped", capped)
+    monkeypatch.setattr(memory, "_set_mmap_threshold", lambda n: seen.append(n) or True)
+    spec = CalibrationSpec("self", num_samples=2, seq_len=6, batch_size=2)
+    calibration_batches(spec, tiny_model("llama"), char_tokenizer())
+    assert seen == calls  # one generate() call: lifted to 32 MiB, then back to 4 MiB
