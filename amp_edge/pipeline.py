@@ -195,7 +195,7 @@ def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):
 
 
 def _recovery_rows(recovery: RecoverySpec, texts: list[str] | None, loaded: LoadedModel) -> torch.Tensor:
-    """Training rows. Those the dense model writes are slow (1024 x 256 tokens: ~38 min on a 2-core CPU), so with a
+    """Training rows. Those the dense model writes are slow (1024 x 256 tokens: 33 min on a 2-core CPU), so with a
     resume folder they are kept there and a rerun reads them back instead of writing them again."""
     r, written = recovery, None
     if r.resume_dir and wants_self(r.source):
