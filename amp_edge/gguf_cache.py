@@ -4,7 +4,9 @@ Loading a GGUF file through transformers parses it four times (config, weights, 
 vocabulary each time: 19 s for SmolLM2-135M on this project's CPU box, against about 1 s for the same model as
 safetensors. The copy holds the dequantized weights exactly as the GGUF load produced them, plus the tokenizer
 and configs it built. It lives under ``$AMP_EDGE_CACHE`` (default ``~/.cache/amp-edge``; ``off`` disables it),
-keyed by the GGUF file's path, size and modification time, the dtype and the transformers version.
+keyed by the GGUF file's path, size and modification time, the dtype and the transformers version. Writing a copy
+removes those of GGUF files that are gone or have changed since: each fresh virtual environment (a CI clone) installs
+the model under a new path, and its 0.5 GB copy would otherwise stay after the environment is deleted.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def store(gguf: Path, dtype: str, model, tokenizer) -> Path | None:
         if folder.exists():  # an incomplete or stale copy under the same key
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        _remove_stale(root)
         return folder
     except OSError as e:  # a full or read-only disk costs speed, not correctness
         if lookup(gguf, dtype) is not None:  # another process stored the same copy first
@@ -84,3 +87,26 @@ def store(gguf: Path, dtype: str, model, tokenizer) -> Path | None:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove the finished copies whose GGUF file is gone or has changed (another size or modification time).
+
+    Copies made by another transformers version stay: two environments may read the same GGUF file."""
+    for folder in root.iterdir():
+        if folder.name.startswith("."):  # another writer's temporary folder
+            continue
+        try:
+            key = json.loads((folder / _DONE).read_text())
+            gguf = Path(key["gguf"])
+            recorded = (key["size"], key["mtime_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a finished copy of ours: leave it
+        try:
+            st = gguf.stat()
+            stale = (st.st_size, st.st_mtime_ns) != recorded
+        except OSError:  # the GGUF file is gone
+            stale = True
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed the copy of a GGUF file that is gone or has changed: %s", folder)

@@ -1,5 +1,6 @@
-"""The safetensors copy of a GGUF model: found after it is stored, missed when the file changes, off on request,
-and (on the real model) loads to the same weights, tokenizer and logits as the GGUF file itself."""
+"""The safetensors copy of a GGUF model: found after it is stored, missed when the file changes, removed once its file
+is gone or changed, off on request, and (on the real model) loads to the same weights, tokenizer and logits as the
+GGUF file itself."""
 
 import importlib.util
 import os
@@ -55,6 +56,26 @@ def test_unwritable_cache_costs_nothing_but_speed(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"stand-in")
     assert gguf_cache.store(gguf, "float32", tiny_model("llama"), char_tokenizer()) is None
+
+
+def names(*folders):
+    return sorted(p.name for p in folders)
+
+
+def test_storing_a_copy_removes_those_of_gone_or_changed_files(cache, tmp_path):
+    kept, changed, gone = (tmp_path / f"{n}.gguf" for n in ("kept", "changed", "gone"))
+    for f in (kept, changed, gone):
+        f.write_bytes(b"stand-in")
+    model, tok = tiny_model("llama"), char_tokenizer()
+    old = {f: gguf_cache.store(f, "float32", model, tok) for f in (kept, changed, gone)}
+    kept_bf16 = gguf_cache.store(kept, "bfloat16", model, tok)
+    (cache / "not-ours").mkdir()
+    changed.write_bytes(b"another model")  # size and mtime change: its copy can never be found again
+    gone.unlink()
+    assert names(*cache.iterdir()) == names(*old.values(), kept_bf16, cache / "not-ours")
+    new = gguf_cache.store(changed, "float32", model, tok)  # any store sweeps the cache
+    assert names(*cache.iterdir()) == names(old[kept], kept_bf16, new, cache / "not-ours") and new != old[changed]
+    assert gguf_cache.lookup(kept, "float32") == old[kept] and gguf_cache.lookup(changed, "float32") == new
 
 
 @pytest.mark.slow
