@@ -98,13 +98,12 @@ def _remove_stale(root: Path) -> None:
             continue
         try:
             key = json.loads((folder / _DONE).read_text())
-            gguf = Path(key["gguf"])
-            recorded = (key["size"], key["mtime_ns"])
+            gguf, dtype, recorded = Path(key["gguf"]), key["dtype"], (key["size"], key["mtime_ns"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a finished copy of ours: leave it
         try:
-            st = gguf.stat()
-            stale = (st.st_size, st.st_mtime_ns) != recorded
+            now = _key(gguf, dtype)
+            stale = (now["size"], now["mtime_ns"]) != recorded
         except OSError:  # the GGUF file is gone
             stale = True
         if stale:
