@@ -216,7 +216,8 @@ def eval_cmd(
 @app.command("eval-compare")
 @_friendly
 def eval_compare_cmd(
-    reports: list[Path] = typer.Argument(..., help="eval.json files or the folders `amp-edge eval --out` wrote."),
+    reports: list[Path] = typer.Argument(..., help="eval.json files, the folders `amp-edge eval --out` wrote, or "
+                                         "TABLE.json#ROW: a row of an eval_comparison.json."),
     names: Optional[str] = typer.Option(None, help="Comma-separated row names (default: each report's folder name)."),
     ref: int = typer.Option(0, help="Which report (0-based) the others are compared against."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for compare.json and compare.md."),
@@ -226,9 +227,9 @@ def eval_compare_cmd(
     """Eval reports side by side: accuracies, averages and each one's difference from a reference, with its error."""
     from .checkpoint import check_output
     from .errors import InvalidOptionError
-    from .evaluation.compare import compare, load_report, markdown, write
+    from .evaluation.compare import compare, load_report, markdown, report_label, write
 
-    labels = names.split(",") if names else [(p if p.is_dir() else p.parent).name for p in reports]
+    labels = names.split(",") if names else [report_label(p) for p in reports]
     if len(labels) != len(reports):
         raise InvalidOptionError(f"--names gives {len(labels)} names for {len(reports)} reports")
     if out is not None:

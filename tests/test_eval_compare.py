@@ -107,3 +107,21 @@ def test_cli(tmp_path):
         r = runner.invoke(app, ["eval-compare", *args])
         assert r.exit_code == 2 and expected in r.output and "Traceback" not in r.output, r.output
     assert (out / "compare.md").read_text() == before
+
+
+def test_rows_of_an_eval_comparison_table(tmp_path):
+    # examples/eval_comparison.py embeds each row's report; TABLE.json#ROW compares them without the work folder.
+    table = tmp_path / "eval_comparison.json"
+    table.write_text(json.dumps({"rows": [{"name": "dense", "eval": report(DENSE)},
+                                          {"name": "amp-0.2", "eval": report(PRUNED)}]}))
+    assert load_report(f"{table}#amp-0.2")["tasks"]["boolq"]["acc"] == 1.0
+    with pytest.raises(DataError, match="no row 'amp-0.3' in .*; its rows: dense, amp-0.2"):
+        load_report(f"{table}#amp-0.3")
+    with pytest.raises(DataError, match="not an eval_comparison.json"):
+        load_report(_write(tmp_path / "one-eval", report(DENSE)) / "eval.json#dense")
+    r = CliRunner().invoke(app, ["eval-compare", f"{table}#dense", f"{table}#amp-0.2", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["rows"]
+    assert [row["name"] for row in rows] == ["dense", "amp-0.2"]
+    assert rows[1]["delta_tasks"]["boolq"] == {"value": pytest.approx(50.0), "stderr": pytest.approx(28.87, abs=0.01),
+                                                "paired": True}

@@ -36,8 +36,14 @@ class Delta:
 
 
 def load_report(path: str | Path) -> dict:
-    """eval.json, or the folder ``amp-edge eval --out`` wrote it into."""
-    path = Path(path).expanduser()
+    """eval.json, the folder ``amp-edge eval --out`` wrote it into, or ``TABLE.json#ROW``: one row of the
+    eval_comparison.json that examples/eval_comparison.py writes (it embeds each row's full report), so a comparison
+    can be rebuilt from the tables kept in the repository."""
+    text = str(path)
+    path, row = Path(text).expanduser(), None
+    if "#" in text and not path.exists():
+        head, row = text.rsplit("#", 1)
+        path = Path(head).expanduser()
     file = path / "eval.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no eval report at {path} (expected an eval.json or the folder `amp-edge eval --out` made)")
@@ -45,9 +51,31 @@ def load_report(path: str | Path) -> dict:
         report = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file} is not an eval report: {e}") from None
+    if row is not None:
+        report = _table_row(report, row, file)
     if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict) or "spec" not in report:
         raise DataError(f"{file} is not an eval report (no 'tasks' and 'spec')")
     return report
+
+
+def report_label(path: str | Path) -> str:
+    """Default row name: the ROW of ``TABLE.json#ROW``, else the report's folder name."""
+    text = str(path)
+    if "#" in text and not Path(text).exists():
+        return text.rsplit("#", 1)[1]
+    path = Path(text)
+    return (path if path.is_dir() else path.parent).name
+
+
+def _table_row(table: object, name: str, file: Path) -> dict:
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "eval" in r for r in rows):
+        raise DataError(f"{file} is not an eval_comparison.json (no 'rows' with an 'eval' report); #ROW needs one")
+    for r in rows:
+        if r.get("name") == name:
+            return r["eval"]
+    known = ", ".join(str(r.get("name")) for r in rows)
+    raise DataError(f"no row {name!r} in {file}; its rows: {known}")
 
 
 def compare(reports: list[tuple[str, dict]], ref: int = 0) -> dict:

@@ -19,4 +19,6 @@ fi
 [ -f $W/$N-eval/eval.json ] || /usr/bin/time -v amp-edge eval $W/$N-pkg \
   --tasks wikitext2,piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa --limit 1000 --max-tokens 32768 \
   --window 1024 --data-dir $D --out $W/$N-eval --overwrite >> $W/$N.log 2>&1
-echo "$N: $W/$N-eval/eval.json"
+# Keep the report (with each document's outcome, for paired errors) beside the tables: out/ does not survive a new checkout.
+cp $W/$N-eval/eval.json results/eval_smollm2_135m_n1000_rec_baselines/$N.eval.json
+echo "$N: results/eval_smollm2_135m_n1000_rec_baselines/$N.eval.json"
