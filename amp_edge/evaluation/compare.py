@@ -39,11 +39,7 @@ def load_report(path: str | Path) -> dict:
     """eval.json, the folder ``amp-edge eval --out`` wrote it into, or ``TABLE.json#ROW``: one row of the
     eval_comparison.json that examples/eval_comparison.py writes (it embeds each row's full report), so a comparison
     can be rebuilt from the tables kept in the repository."""
-    text = str(path)
-    path, row = Path(text).expanduser(), None
-    if "#" in text and not path.exists():
-        head, row = text.rsplit("#", 1)
-        path = Path(head).expanduser()
+    path, row = _split_row(path)
     file = path / "eval.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no eval report at {path} (expected an eval.json or the folder `amp-edge eval --out` made)")
@@ -60,11 +56,17 @@ def load_report(path: str | Path) -> dict:
 
 def report_label(path: str | Path) -> str:
     """Default row name: the ROW of ``TABLE.json#ROW``, else the report's folder name."""
+    path, row = _split_row(path)
+    return row if row is not None else (path if path.is_dir() else path.parent).name
+
+
+def _split_row(path: str | Path) -> tuple[Path, str | None]:
+    """``TABLE.json#ROW`` -> (TABLE.json, ROW); any other path (one with a '#' that exists too) -> (path, None)."""
     text = str(path)
-    if "#" in text and not Path(text).exists():
-        return text.rsplit("#", 1)[1]
-    path = Path(text)
-    return (path if path.is_dir() else path.parent).name
+    if "#" in text and not Path(text).expanduser().exists():
+        head, row = text.rsplit("#", 1)
+        return Path(head).expanduser(), row
+    return Path(text).expanduser(), None
 
 
 def _table_row(table: object, name: str, file: Path) -> dict:
