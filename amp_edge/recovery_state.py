@@ -138,7 +138,10 @@ def _differences(info: dict, meta: dict, names: list[str], tensors: dict) -> lis
     if info.get("format") != STATE_FORMAT:
         return [f"format {info.get('format')!r}"]
     saved = info.get("meta", {})
-    differs = [f"spec.{k}" for k in sorted(set(meta["spec"]) | set(saved.get("spec", {}))) if meta["spec"].get(k) != saved.get("spec", {}).get(k)]
+    # Where the data was read from is not compared (a relative and an absolute path to one file name the same rows):
+    # the token rows themselves are, by fingerprint, under "data".
+    keys = sorted((set(meta["spec"]) | set(saved.get("spec", {}))) - {"data"})
+    differs = [f"spec.{k}" for k in keys if meta["spec"].get(k) != saved.get("spec", {}).get(k)]
     differs += [k for k in ("weights", "data") if meta.get(k) != saved.get(k)]
     if not differs and {f"param/{n}" for n in names} != {k for k in tensors if k.startswith("param/")}:
         differs.append("trainable parameters")

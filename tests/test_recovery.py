@@ -193,6 +193,21 @@ def test_resume_folder_of_another_run_is_refused_or_restarted(rows, tmp_path):
     assert result.resumed_from_step == 0 and len(result.losses) == 4
 
 
+def test_resume_compares_the_data_rows_not_the_path_they_came_from(rows, tmp_path):
+    spec = _spec("lora", steps=4, resume_dir=str(tmp_path / "state"), save_every=2, data="data/c4.jsonl")
+
+    def stop(done, total, loss):
+        if done == 2:
+            raise Stop
+    _, student = _pruned("llama")
+    with pytest.raises(Stop):
+        recover(copy.deepcopy(student), None, char_tokenizer(), spec, data=rows, progress=stop)
+    moved = dataclasses.replace(spec, data=str(tmp_path / "data/c4.jsonl"))
+    assert recover(copy.deepcopy(student), None, char_tokenizer(), moved, data=rows, progress=False).resumed_from_step == 2
+    with pytest.raises(RecoveryError, match=r"differs in: data\)"):
+        recover(copy.deepcopy(student), None, char_tokenizer(), moved, data=rows[1:], progress=False)
+
+
 def test_schedule_warms_up_then_decays():
     spec = RecoverySpec("lora", steps=100, lr=1e-3, warmup_steps=10)
     lrs = [lr_at(s, spec) for s in range(100)]
