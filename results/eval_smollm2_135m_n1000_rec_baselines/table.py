@@ -1,0 +1,81 @@
+"""The paper-style grid of this folder: criterion x ratio x (no recovery, + R500), gathered from the n=1000 table
+(every row without recovery, and AMP + R500) and the compare_*.json files that compare.sh wrote here (the baselines
++ R500), so it reruns from a clean checkout; a row not measured yet shows as "-".
+
+Usage: python results/eval_smollm2_135m_n1000_rec_baselines/table.py   (writes table.md beside this file)
+"""
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MAIN_TABLE = HERE.parent / "eval_smollm2_135m_n1000" / "eval_comparison.json"
+CRITERIA = ("amp", "wanda-sp", "random", "magnitude")
+RATIOS = (20, 30)
+NAME = re.compile(r"^(?P<criterion>.+?)(?P<pct>\d+)(?P<rec>-R500)?$")
+
+
+def rows_by_key(reference: str) -> dict:
+    """(criterion, pct, recovered) -> row, from every compare file whose reference row is ``reference`` (dense or
+    amp PCT + R500)."""
+    found = {}
+    for path in sorted(HERE.glob("compare*.json")):
+        table = json.loads(path.read_text())
+        if not re.fullmatch(reference, table["reference"]):
+            continue
+        for row in table["rows"]:
+            m = NAME.match(row["name"])
+            if m:
+                found.setdefault((m["criterion"], int(m["pct"]), bool(m["rec"])), row)
+    return found
+
+
+def main_table_rows() -> dict:
+    """(criterion, pct, recovered) -> row in the compare files' shape, from the n=1000 table (uniform, 500 steps)."""
+    found = {}
+    for row in json.loads(MAIN_TABLE.read_text())["rows"]:
+        if row["name"] == "dense" or row["allocation"] != "uniform" or row["name"].endswith("-8b3e54"):
+            continue  # -8b3e54: the 800-step recipe
+        report = row["eval"]
+        found[(row["criterion"], round(100 * row["ratio"]), row["recovery"])] = {
+            "averages": {"avg5": 100 * report["average"]["paper5_acc"]},
+            "perplexity": report["tasks"]["wikitext2"]["perplexity"],
+            "delta_averages": {"avg5": row["delta_avg5"]}}
+    return found
+
+
+def delta(row: dict, sign: float = 1.0) -> str:
+    d = row["delta_averages"]["avg5"]
+    return f"{sign * d['value']:+.2f} ± {d['stderr']:.2f}"
+
+
+def main() -> None:
+    vs_dense, vs_amp = {**main_table_rows(), **rows_by_key("dense")}, rows_by_key(r"amp\d+-R500")
+    lines = ["# Recovery for every criterion: SmolLM2-135M, avg5 and WikiText-2 perplexity", "",
+             f"Made by `python {HERE.relative_to(HERE.parents[1])}/table.py` from {MAIN_TABLE.relative_to(HERE.parents[1])} "
+             "and the compare_*.json files here (each made by `compare.sh CRITERION RATIO`). avg5: mean accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, "
+             "ARC-c, first 1000 documents of each validation split; Δ: points from dense (avg5 45.65, ppl 21.16), "
+             "paired standard error. R500: refit + 500 distillation steps on C4 + Alpaca (AMP rows trained in bf16, "
+             "baselines in fp32). `--heads auto`, uniform allocation. \"-\": not measured.", "",
+             "| criterion | " + " | ".join(f"{p}% | {p}% + R500" for p in RATIOS) + " |",
+             "|---|" + "---:|" * (2 * len(RATIOS))]
+    for criterion in CRITERIA:
+        cells = []
+        for pct in RATIOS:
+            for rec in (False, True):
+                row = vs_dense.get((criterion, pct, rec))
+                cells.append("-" if row is None else
+                             f"{row['averages']['avg5']:.2f} ({delta(row)}), ppl {row['perplexity']:,.2f}")
+        lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+    lines += ["", "AMP + R500 minus CRITERION + R500, avg5 points (paired: same documents):", "",
+              "| criterion | " + " | ".join(f"{p}% + R500" for p in RATIOS) + " |", "|---|" + "---:|" * len(RATIOS)]
+    for criterion in CRITERIA[1:]:
+        cells = [delta(vs_amp[(criterion, pct, True)], -1.0) if (criterion, pct, True) in vs_amp else "-" for pct in RATIOS]
+        lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+    (HERE / "table.md").write_text("\n".join(lines) + "\n")
+    print(HERE / "table.md")
+
+
+if __name__ == "__main__":
+    main()
