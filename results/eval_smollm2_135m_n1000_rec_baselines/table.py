@@ -32,16 +32,17 @@ def rows_by_key(reference: str) -> dict:
 
 
 def main_table_rows() -> dict:
-    """(criterion, pct, recovered) -> row in the compare files' shape, from the n=1000 table (uniform, 500 steps)."""
+    """(criterion, pct, recovered) -> row in the compare files' shape, from the n=1000 table (uniform, 500 steps);
+    the dense row under (None, 0, False)."""
     found = {}
     for row in json.loads(MAIN_TABLE.read_text())["rows"]:
-        if row["name"] == "dense" or row["allocation"] != "uniform" or row["name"].endswith("-8b3e54"):
+        if row["name"] != "dense" and (row["allocation"] != "uniform" or row["name"].endswith("-8b3e54")):
             continue  # -8b3e54: the 800-step recipe
         report = row["eval"]
-        found[(row["criterion"], round(100 * row["ratio"]), row["recovery"])] = {
-            "averages": {"avg5": 100 * report["average"]["paper5_acc"]},
-            "perplexity": report["tasks"]["wikitext2"]["perplexity"],
-            "delta_averages": {"avg5": row["delta_avg5"]}}
+        key = (None, 0, False) if row["name"] == "dense" else (row["criterion"], round(100 * row["ratio"]), row["recovery"])
+        found[key] = {"params": row["params"], "averages": {"avg5": 100 * report["average"]["paper5_acc"]},
+                      "perplexity": report["tasks"]["wikitext2"]["perplexity"],
+                      "delta_averages": {"avg5": row.get("delta_avg5")}}
     return found
 
 
@@ -52,10 +53,12 @@ def delta(row: dict, sign: float = 1.0) -> str:
 
 def main() -> None:
     vs_dense, vs_amp = {**main_table_rows(), **rows_by_key("dense")}, rows_by_key(r"amp\d+-R500")
+    dense = vs_dense[(None, 0, False)]
     lines = ["# Recovery for every criterion: SmolLM2-135M, avg5 and WikiText-2 perplexity", "",
              f"Made by `python {HERE.relative_to(HERE.parents[1])}/table.py` from {MAIN_TABLE.relative_to(HERE.parents[1])} "
              "and the compare_*.json files here (each made by `compare.sh CRITERION RATIO`). avg5: mean accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, "
-             "ARC-c, first 1000 documents of each validation split; Δ: points from dense (avg5 45.65, ppl 21.16), "
+             "ARC-c, first 1000 documents of each validation split; Δ: points from dense "
+             f"(avg5 {dense['averages']['avg5']:.2f}, ppl {dense['perplexity']:.2f}, {dense['params']:,} parameters), "
              "paired standard error. R500: refit + 500 distillation steps on C4 + Alpaca (AMP rows trained in bf16, "
              "baselines in fp32). `--heads auto`, uniform allocation. \"-\": not measured.", "",
              "| criterion | " + " | ".join(f"{p}% | {p}% + R500" for p in RATIOS) + " |",
@@ -68,6 +71,10 @@ def main() -> None:
                 cells.append("-" if row is None else
                              f"{row['averages']['avg5']:.2f} ({delta(row)}), ppl {row['perplexity']:,.2f}")
         lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+    # Every criterion removes the same number of parameters at a ratio; a cell lists each count found.
+    counts = [" / ".join(f"{n:,}" for n in sorted({r["params"] for k, r in vs_dense.items() if k[1:] == (pct, rec)}))
+              for pct in RATIOS for rec in (False, True)]
+    lines.append("| parameters | " + " | ".join(counts) + " |")
     lines += ["", "AMP + R500 minus CRITERION + R500, avg5 points (paired: same documents):", "",
               "| criterion | " + " | ".join(f"{p}% + R500" for p in RATIOS) + " |", "|---|" + "---:|" * len(RATIOS)]
     for criterion in CRITERIA[1:]:
