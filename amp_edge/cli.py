@@ -147,7 +147,8 @@ def _print_summary(result) -> None:
         out.print(f"refitted o_proj and down_proj on {f['tokens']:,} tokens of {f['source']} in {f['seconds']:.0f} s")
     if result.recovery:
         r = result.recovery
-        out.print(f"recovered with {r['method']}: {r['steps']} steps on {r['data']}, loss {r['first_loss']:.4f} → {r['final_loss']:.4f} in {r['seconds']:.0f} s")
+        resumed = f" (resumed from step {r['resumed_from_step']})" if r["resumed_from_step"] else ""
+        out.print(f"recovered with {r['method']}: {r['steps']} steps on {r['data']}{resumed}, loss {r['first_loss']:.4f} → {r['final_loss']:.4f} in {r['seconds']:.0f} s")
     if result.out:
         out.print(f"saved to {result.out}" + (" (per-layer sizes: load with amp_edge.load_pruned)" if result.per_layer else ""))
 

@@ -301,6 +301,12 @@ def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):
     assert (tmp_path / "state" / STATE_FILE).is_file()  # an explicit resume folder is kept
     model = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == info["params_after"]
+    # The same command again finds the finished state there: no step is trained twice, and the summary says so.
+    res = run("prune", tiny_dir, "--allocation", "global", "--calib", data_file, *SMALL, "--recover", "distill",
+              "--recover-resume-dir", tmp_path / "state", "--recover-save-every", 2, "--out", out, "--overwrite")
+    assert res.exit_code == 0 and "steps on " in res.output and "(resumed from step 4)" in res.output, res.output
+    again = load_pruned(out).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
 
 
 def test_bf16_falls_back_to_fp32_where_it_has_no_kernels(tiny_dir, data_file, tmp_path, monkeypatch, caplog):
