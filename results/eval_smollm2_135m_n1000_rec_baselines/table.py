@@ -66,8 +66,8 @@ def main() -> None:
              "and the compare_*.json files here (each made by `compare.sh CRITERION RATIO`). avg5: mean accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, "
              "ARC-c, first 1000 documents of each validation split; Δ: points from dense "
              f"(avg5 {dense['averages']['avg5']:.2f}, ppl {dense['perplexity']:.2f}, {dense['params']:,} parameters), "
-             "paired standard error. R500: refit + 500 distillation steps on C4 + Alpaca (AMP rows trained in bf16, "
-             "baselines in fp32). `--heads auto`, uniform allocation. \"-\": not measured.", "",
+             "paired standard error. R500: refit + 500 distillation steps on C4 + Alpaca (AMP 20% and 30% rows trained in bf16 on another box, "
+             "the other rows in fp32 on this one). `--heads auto`, uniform allocation. \"-\": not measured.", "",
              "| criterion | " + " | ".join(f"{p}% | {p}% + R500" for p in RATIOS) + " |",
              "|---|" + "---:|" * (2 * len(RATIOS))]
     for criterion in CRITERIA:
