@@ -79,19 +79,18 @@ def main() -> None:
                              f"{row['averages']['avg5']:.2f} ({delta(row)}), ppl {row['perplexity']:,.2f}")
         lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
     # Every criterion removes the same number of parameters at a ratio; a cell lists each count found.
-    counts = [" / ".join(f"{n:,}" for n in sorted({r["params"] for k, r in vs_dense.items() if k[1:] == (pct, rec)}))
+    counts = [" / ".join(f"{n:,}" for n in sorted({r["params"] for k, r in vs_dense.items() if k[1:] == (pct, rec)})) or "-"
               for pct in RATIOS for rec in (False, True)]
-    counts = [c or "-" for c in counts]
     lines.append("| parameters | " + " | ".join(counts) + " |")
     lines += ["", "AMP + R500 minus CRITERION + R500, avg5 points (paired: same documents):", "",
               "| criterion | " + " | ".join(f"{p}% + R500" for p in RATIOS) + " |", "|---|" + "---:|" * len(RATIOS)]
     for criterion in CRITERIA[1:]:
         cells = [delta(vs_amp[(criterion, pct, True)], -1.0) if (criterion, pct, True) in vs_amp else "-" for pct in RATIOS]
         lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
-    lines += ["", "Decode ms/token of each package without recovery (recovery keeps the shapes), ONNX Runtime fp32 on this "
-              "2-core box, batch 1, 128-token prompt, 64 new tokens; in brackets: dense's time in the same bench run "
+    lines += ["", "Decode ms/token of each package without recovery (recovery keeps the shapes), ONNX Runtime fp32, 2 threads, "
+              "AMD EPYC, batch 1, 128-token prompt, 64 new tokens; in brackets: dense's time in the same bench run "
               "divided by it. Packages of one shape (all but magnitude at 10%, all at 20%, all but random at 30%) differ only "
-              "by this bench's noise, up to 10% here:", "", "| criterion | " + " | ".join(f"{p}%" for p in RATIOS) + " |", "|---|" + "---:|" * len(RATIOS)]
+              "by this bench's noise, up to 11% here:", "", "| criterion | " + " | ".join(f"{p}%" for p in RATIOS) + " |", "|---|" + "---:|" * len(RATIOS)]
     for criterion in CRITERIA:
         cells = []
         for pct in RATIOS:
