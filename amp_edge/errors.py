@@ -1,10 +1,9 @@
-"""Typed errors. Each message names the bad value and what is allowed, so the CLI can print one line."""
+"""Typed errors. Each message names the bad value and what is allowed, so the CLI can print one line.
+
+One hierarchy: every class here derives from ``AmpEdgeError``, which lives in the torch-free runtime package."""
 
 
-class AmpEdgeError(Exception):
-    """Base class of every error that is the user's input, not a bug."""
-
-    exit_code = 2
+from amp_edge_runtime.errors import AmpEdgeError, BenchError, PackageError  # noqa: F401  (the root lives torch-free)
 
 
 class ModelNotFoundError(AmpEdgeError):
@@ -57,7 +56,3 @@ class ExportValidationError(ExportError):
     def __init__(self, mismatches: list[str]):
         self.mismatches = mismatches
         super().__init__(f"export validation failed ({len(mismatches)} mismatches): " + "; ".join(mismatches))
-
-
-class PackageError(AmpEdgeError):
-    """A folder given as a package is not one (no model.onnx, unreadable graph, missing tokenizer)."""

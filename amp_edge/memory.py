@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from contextlib import contextmanager
 
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 4 << 20
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit
-_capped = False
+# The mmap threshold is process-wide glibc state; the environment records it, so it is visible (and inherited by
+# worker processes) without a module global. "off" set by the user keeps glibc's own dynamic threshold.
+HEAP_CAP_ENV = "AMP_EDGE_HEAP_CAP"
 
 
 def cap_heap_growth() -> bool:
@@ -18,18 +21,23 @@ def cap_heap_growth() -> bool:
 
     glibc raises its mmap threshold after each large free; activation-sized temporaries then land on
     the heap and fragment it (measured: pruning SmolLM2-135M peaked at 1.85 GB instead of 1.12 GB).
-    A fixed threshold stops that. A no-op off glibc.
+    A fixed threshold stops that. A no-op off glibc, and where ``AMP_EDGE_HEAP_CAP=off``.
     """
-    global _capped
-    _capped = _set_mmap_threshold(_MMAP_THRESHOLD_BYTES)
-    return _capped
+    if os.environ.get(HEAP_CAP_ENV) == "off" or not _set_mmap_threshold(_MMAP_THRESHOLD_BYTES):
+        return False
+    os.environ[HEAP_CAP_ENV] = "on"
+    return True
+
+
+def heap_is_capped() -> bool:
+    return os.environ.get(HEAP_CAP_ENV) == "on"
 
 
 @contextmanager
 def heap_for_growing_cache():
     """Lift the cap while ``generate()`` runs: its KV cache is copied into new, larger tensors at every token, and
     served by mmap each copy costs fresh zeroed pages (SmolLM2-135M, 128 rows, 2 cores: 106 tok/s capped, 151 not)."""
-    lifted = _capped and _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
+    lifted = heap_is_capped() and _set_mmap_threshold(_MMAP_THRESHOLD_MAX)
     try:
         yield
     finally:

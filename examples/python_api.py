@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from amp_edge import CalibrationSpec, load_pruned
-from amp_edge.pipeline import PruneOptions, prune
+from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, export
 from runtime_bench.bench import BenchSpec, run_bench
 from runtime_bench.report import markdown

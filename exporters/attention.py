@@ -19,7 +19,7 @@ import torch
 import torch.onnx.operators
 from torch import nn
 
-from amp_edge.adapters import get_adapter
+from amp_edge.models.adapters import get_adapter
 from amp_edge.errors import InvalidOptionError
 from amp_edge.memory import trim_heap
 

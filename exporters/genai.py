@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amp_edge.adapters import get_adapter
+from amp_edge.models.adapters import get_adapter
 
 # onnxruntime-genai's model type names for the families amp-edge exports
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi", "phi3": "phi3"}

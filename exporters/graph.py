@@ -16,8 +16,8 @@ import torch
 
 from amp_edge.memory import release_memory
 
-from .attention import gqa_attention, gqa_layers
-from .wrapper import DecoderStep, example_inputs, kv_layout
+from exporters.attention import gqa_attention, gqa_layers
+from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
 log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2 * 1024**3

@@ -13,22 +13,24 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from amp_edge.checkpoint import atomic_dir, check_output, is_pruned_checkpoint
+from amp_edge.io import atomic_dir, check_output
+from amp_edge.models.sources import is_pruned_checkpoint
 from amp_edge.errors import ExportError, ExportValidationError, InvalidOptionError
 from amp_edge.memory import release_memory
-from amp_edge.pipeline import PruneOptions, prune_in_memory
-from amp_edge.plan import PLAN_FILE, PruningPlan
-from amp_edge.sources import LoadedModel, load_model
-from amp_edge.surgery import count_parameters
+from amp_edge.pruning.pipeline import PruneOptions, prune_in_memory
+from amp_edge.pruning.plan import PLAN_FILE, PruningPlan
+from amp_edge.models.sources import LoadedModel, load_model
+from amp_edge.pruning.surgery import count_parameters
 from amp_edge.versions import versions
-from runtime_bench.generate import OnnxDecoder, session_options
+from amp_edge_runtime.decoder import OnnxDecoder
+from amp_edge_runtime.session import session_options
 
-from .attention import check_mode, gqa_layers
-from .genai import genai_config
-from .graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
-from .quantize import QuantSpec, quantize
-from .validate import compare, reference
-from .wrapper import kv_layout
+from exporters.attention import check_mode, gqa_layers
+from exporters.genai import genai_config
+from exporters.graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
+from exporters.quantize import QuantSpec, quantize
+from exporters.validate import compare, reference
+from exporters.wrapper import kv_layout
 
 log = logging.getLogger(__name__)
 MANIFEST = "amp_edge.json"

@@ -12,7 +12,7 @@ import onnx
 
 from amp_edge.errors import InvalidOptionError
 
-from .graph import materialize_weights, working_dir
+from exporters.graph import materialize_weights, working_dir
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 INT8_SCHEMES = ("weight-only", "dynamic")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from runtime_bench.generate import OnnxDecoder, last_real
+from amp_edge_runtime.decoder import OnnxDecoder, last_real
 
 # Documented bounds. fp32 must match the PyTorch model numerically (max |Δlogits| and 32 greedy tokens).
 # Lower precisions are judged by how often the most likely next token agrees with the fp32 PyTorch model

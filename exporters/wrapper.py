@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from amp_edge.adapters import get_adapter
+from amp_edge.models.adapters import get_adapter
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .bench import BenchError, BenchSpec, run_bench
-from .report import markdown
+from amp_edge_runtime.errors import BenchError
+from runtime_bench.bench import BenchSpec, run_bench
+from runtime_bench.report import markdown
 
 
 def main(argv: list[str] | None = None) -> int:

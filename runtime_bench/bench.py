@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from amp_edge_runtime.errors import BenchError
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-class BenchError(ValueError):
-    """Bad bench input (torch-free module; the CLI maps it to a one-line error)."""
 
 
 @dataclass
@@ -97,7 +95,7 @@ def check_package(path: str | Path) -> dict:
         info.update(dtype=m.get("quantization", {}).get("dtype"), params=m.get("params", {}).get("after"),
                     pruned=m.get("pruned"), onnx_bytes=m.get("onnx_bytes"))
     try:
-        from .graph_bytes import weight_bytes_per_token
+        from runtime_bench.graph_bytes import weight_bytes_per_token
     except ImportError:  # a device with only onnxruntime: no bytes-read limit (reading the graph needs the onnx package)
         return info
     try:
@@ -110,8 +108,10 @@ def check_package(path: str | Path) -> dict:
 def _onnx_worker(conn, path: str, provider: str, threads: int | None) -> None:
     import os
 
-    from .generate import OnnxDecoder, PackageError, StepTimes, session_options
-    from .hardware import gpu_memory_bytes, peak_rss_bytes
+    from amp_edge_runtime.decoder import OnnxDecoder, StepTimes
+    from amp_edge_runtime.errors import PackageError
+    from amp_edge_runtime.session import session_options
+    from runtime_bench.hardware import gpu_memory_bytes, peak_rss_bytes
 
     try:
         decoder = OnnxDecoder(path, providers=[PROVIDERS[provider]], options=session_options(threads))
@@ -141,8 +141,8 @@ def _torch_worker(conn, source: str, provider: str, threads: int | None) -> None
 
     import torch
 
-    from .hardware import gpu_memory_bytes, peak_rss_bytes
-    from amp_edge.reference import model_from_package
+    from runtime_bench.hardware import gpu_memory_bytes, peak_rss_bytes
+    from amp_edge.models.reference import model_from_package
 
     from transformers.utils import logging as hf_logging
 
@@ -274,7 +274,7 @@ def available_providers() -> list[str]:
 
 
 def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = False, progress=None) -> dict:
-    from .hardware import copy_bandwidth, cpu_name, gpu_name, session_copy_bandwidth
+    from runtime_bench.hardware import copy_bandwidth, cpu_name, gpu_name, session_copy_bandwidth
 
     spec.check()
     available = available_providers()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bench import BenchError
+from amp_edge_runtime.errors import BenchError
 
 # what bench.json rows and environment always hold, and the reports read
 _ROW_KEYS = ("name", "kind", "prompt_len", "prefill_ms_mean", "decode_ms_mean", "decode_ms_p50", "decode_ms_p90", "tokens_per_s",

@@ -34,7 +34,7 @@ def markdown(report: dict) -> str:
             f"{_x(r['decode_speedup_vs_baseline'])} | {_x(r.get('bytes_ratio_vs_baseline'))} | {_x(r['x_of_limit'])} | "
             f"{r['peak_rss'] / 2**20:.0f} | {gpu_mib}{(r['package_bytes'] or 0) / 2**20:.0f} | {r['kv_bytes_end'] / 2**20:.1f} |")
     if report.get("comparisons"):  # --compare-json: another machine's rows next to these
-        from .compare import markdown as compare_markdown
+        from runtime_bench.compare import markdown as compare_markdown
 
         lines += compare_markdown(report["comparisons"])
     return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from amp_edge.cli import app
 from exporters import ExportOptions, QuantSpec, export
-from runtime_bench.bench import BenchError, BenchSpec, run_bench
+from amp_edge.errors import BenchError
+from runtime_bench.bench import BenchSpec, run_bench
 from tests.tiny import save_tiny
 
 
@@ -73,7 +74,7 @@ def test_bad_input(packages, tmp_path):
 
 
 def test_thread_spinning_is_a_choice():
-    from runtime_bench.generate import session_options
+    from amp_edge_runtime.session import session_options
 
     assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(2, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -86,7 +87,8 @@ def test_decoder_takes_head_size_from_genai_config_when_the_graph_leaves_it_symb
     import numpy as np
     import onnx
 
-    from runtime_bench.generate import OnnxDecoder, PackageError
+    from amp_edge_runtime.decoder import OnnxDecoder
+    from amp_edge_runtime.errors import PackageError
 
     pkg = tmp_path / "symbolic"
     shutil.copytree(packages / "dense-fp32", pkg)

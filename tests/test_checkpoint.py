@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from amp_edge import PruningPlan, allocate, apply_plan, get_adapter, load_pruned, save_pruned, score
-from amp_edge.checkpoint import atomic_dir
+from amp_edge.io import atomic_dir
 from amp_edge.errors import OutputExistsError
 
 from .tiny import char_tokenizer, sample_ids, tiny_model

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 from amp_edge import CalibrationSpec, calibration_batches, perplexity
-from amp_edge.calibration import generate_rows
+from amp_edge.data.calibration import generate_rows
 from amp_edge.errors import CalibrationError, DataError, InvalidOptionError
-from amp_edge.perplexity import read_eval_text
+from amp_edge.evaluation.perplexity import read_eval_text
 
 from .tiny import char_tokenizer, tiny_model
 
@@ -120,7 +120,7 @@ def test_generation_lifts_the_mmap_cap_only_where_the_cli_set_it(monkeypatch, ca
     from amp_edge import memory
 
     seen = []
-    monkeypatch.setattr(memory, "_capped", capped)
+    monkeypatch.setenv(memory.HEAP_CAP_ENV, "on" if capped else "off")
     monkeypatch.setattr(memory, "_set_mmap_threshold", lambda n: seen.append(n) or True)
     spec = CalibrationSpec("self", num_samples=2, seq_len=6, batch_size=2)
     calibration_batches(spec, tiny_model("llama"), char_tokenizer())

@@ -14,7 +14,7 @@ from amp_edge.cli import app
 from amp_edge.errors import DataError, InvalidOptionError, PackageError
 from amp_edge.evaluation.run import EvalSpec, evaluate
 from amp_edge.evaluation.tasks import KNOWN_TASKS, TASK_FILES, WIKITEXT_FILE, parse_tasks
-from amp_edge.pipeline import PruneOptions, prune
+from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, export
 from tests.tiny import save_tiny
 

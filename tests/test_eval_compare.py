@@ -110,7 +110,7 @@ def test_cli(tmp_path):
 
 
 def test_rows_of_an_eval_comparison_table(tmp_path):
-    # examples/eval_comparison.py embeds each row's report; TABLE.json#ROW compares them without the work folder.
+    # benchmarks/eval_comparison.py embeds each row's report; TABLE.json#ROW compares them without the work folder.
     table = tmp_path / "eval_comparison.json"
     table.write_text(json.dumps({"rows": [{"name": "dense", "eval": report(DENSE)},
                                           {"name": "amp-0.2", "eval": report(PRUNED)}]}))

@@ -1,4 +1,4 @@
-"""examples/eval_comparison.py: which rows it plans, and one small end-to-end table on a tiny model."""
+"""benchmarks/eval_comparison.py: which rows it plans, and one small end-to-end table on a tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.test_eval import SHARED, needs_data
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "eval_comparison.py"
+SCRIPT = ROOT / "benchmarks" / "eval_comparison.py"
 
 
 def _module():

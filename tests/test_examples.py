@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from amp_edge import CalibrationSpec, load_pruned
 from amp_edge.cli import app
-from amp_edge.pipeline import PruneOptions, prune
+from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, export
-from runtime_bench.bench import BenchError
+from amp_edge.errors import BenchError
 from runtime_bench.compare import compare, load_report
 from tests.tiny import save_tiny, set_chat_template
 

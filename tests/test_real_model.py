@@ -54,7 +54,7 @@ def test_amp_beats_random_and_magnitude_on_smollm2():
 def smollm2_pkg30(tmp_path_factory):
     """The 30% AMP package of SmolLM2-135M, fp32, exported once for the tests below."""
     from exporters import ExportOptions, export
-    from amp_edge.pipeline import PruneOptions
+    from amp_edge.pruning.pipeline import PruneOptions
 
     pkg = tmp_path_factory.mktemp("smollm2") / "pkg30"
     opts = ExportOptions(ratio=0.3, prune=PruneOptions(calibration=CalibrationSpec(num_samples=8)))
@@ -66,7 +66,7 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
     import torch
 
     from exporters.optimum_model import PrunedORTModelForCausalLM
-    from runtime_bench.generate import OnnxDecoder
+    from amp_edge_runtime.decoder import OnnxDecoder
 
     og = pytest.importorskip("onnxruntime_genai")
     pkg, result = smollm2_pkg30
@@ -100,7 +100,7 @@ def test_phi_chat_example_on_smollm2_gives_pytorch_tokens(smollm2_pkg30):
     import torch
     from transformers import AutoTokenizer
 
-    from amp_edge.reference import model_from_package
+    from amp_edge.models.reference import model_from_package
 
     pkg, _ = smollm2_pkg30
     chat = Path(__file__).resolve().parents[1] / "examples" / "phi_chat" / "chat.py"
@@ -125,7 +125,7 @@ def test_eval_of_smollm2_package_equals_its_pytorch_source(smollm2_pkg30):
     from transformers import AutoTokenizer
 
     from amp_edge.evaluation.run import EvalSpec, _zero_shot, evaluate
-    from amp_edge.reference import model_from_package
+    from amp_edge.models.reference import model_from_package
 
     pkg, _ = smollm2_pkg30
     spec = EvalSpec(tasks=["wikitext2", "arc_easy", "winogrande"], limit=8, max_tokens=2048, window=512)

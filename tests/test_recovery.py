@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from amp_edge import allocate, apply_plan, get_adapter, load_pruned, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError, RecoveryError
-import amp_edge.recovery as recovery_module
+import amp_edge.recovery.train as recovery_module
 from amp_edge.hardware import half_is_fast
-from amp_edge.recovery import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
-from amp_edge.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
-from amp_edge.recovery_state import ROWS_FILE, STATE_FILE
+from amp_edge.recovery.train import RecoverySpec, kl_to_teacher, lora_targets, lr_at, recover, usable_precision
+from amp_edge.data.recovery_data import pack, read_recovery_file, recovery_rows, recovery_texts, wants_self
+from amp_edge.recovery.state import ROWS_FILE, STATE_FILE
 
 from .tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -77,7 +77,7 @@ def test_distillation_lowers_kl_to_teacher_on_held_out_text(rows, family, alloca
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_distillation_loss_equals_autograd_kl(temperature):
-    from amp_edge.recovery import _KLToTeacher
+    from amp_edge.recovery.train import _KLToTeacher
 
     gen = torch.Generator().manual_seed(0)
     s = (torch.randn(300, 50, generator=gen) * 3).requires_grad_(True)  # 300 rows: more than one block of 128
@@ -325,7 +325,7 @@ def test_bf16_falls_back_to_fp32_where_it_has_no_kernels(tiny_dir, data_file, tm
 
 
 def test_half_precision_load_warns_where_it_is_slow(tiny_dir, monkeypatch, caplog):
-    import amp_edge.sources as sources
+    import amp_edge.models.sources as sources
 
     for fast, warned in ((True, False), (False, True)):
         caplog.clear()
@@ -342,7 +342,7 @@ def test_recover_self_generated_data(tiny_dir):
 
 
 def test_self_written_rows_are_kept_for_a_rerun(tiny_dir, data_file, tmp_path, monkeypatch):
-    import amp_edge.recovery_data as recovery_data
+    import amp_edge.data.recovery_data as recovery_data
 
     written = []
     real = recovery_data.self_generated

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from amp_edge import PruningPlan, allocate, apply_plan, get_adapter, score
 from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError
-from amp_edge.refit import RefitSpec, load_refitted, refit_weights
+from amp_edge.pruning.refit import RefitSpec, load_refitted, refit_weights
 
 from .test_cli import calib_file, tiny_dir  # noqa: F401 (fixtures)
 from .tiny import FAMILIES, sample_ids, tiny_model
@@ -130,7 +130,7 @@ def test_prune_refit_bad_damp_is_one_line(tiny_dir, calib_file, tmp_path):
 
 def test_export_with_ratio_and_refit_records_it_and_refuses_a_replayed_reference(tiny_dir, calib_file, tmp_path):
     from amp_edge.errors import PackageError
-    from amp_edge.reference import model_from_package
+    from amp_edge.models.reference import model_from_package
 
     pkg = tmp_path / "pkg"
     res = runner.invoke(app, [str(a) for a in ("export", tiny_dir, "--ratio", 0.3, "--calib", calib_file, "--calib-samples", 8,

@@ -5,7 +5,7 @@ import torch
 
 from amp_edge import allocate, count_parameters, get_adapter, score
 from amp_edge.errors import AllocationError, InvalidOptionError
-from amp_edge.scoring import input_hooks
+from amp_edge.pruning.scoring import input_hooks
 
 from .tiny import FAMILIES, sample_ids, tiny_model
 

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from amp_edge.adapters import get_adapter
-from amp_edge.allocation import allocate
+from amp_edge.models.adapters import get_adapter
+from amp_edge.pruning.allocation import allocate
 from amp_edge.errors import InvalidOptionError
-from amp_edge.scoring import score
-from amp_edge.split import feasible_head_units, masked_loss, parse_heads, split_plan
-from amp_edge.surgery import apply_plan
+from amp_edge.pruning.scoring import score
+from amp_edge.pruning.split import feasible_head_units, masked_loss, parse_heads, split_plan
+from amp_edge.pruning.surgery import apply_plan
 from tests.tiny import sample_ids, tiny_model
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from amp_edge import PruningPlan, allocate, apply_plan, count_parameters, get_adapter, score
-from amp_edge.adapters import LayerShape
+from amp_edge.models.adapters import LayerShape
 from amp_edge.errors import PlanError, UnsupportedArchitectureError
-from amp_edge.plan import LayerPlan
+from amp_edge.pruning.plan import LayerPlan
 
 from .tiny import FAMILIES, sample_ids, tiny_model
 

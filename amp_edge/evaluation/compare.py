@@ -14,9 +14,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DataError, InvalidOptionError
-from .report import write_folder
-from .tasks import PAPER_AVERAGE, PERPLEXITY_TASK
+from amp_edge.errors import DataError, InvalidOptionError
+from amp_edge.evaluation.report import write_folder
+from amp_edge.evaluation.tasks import PAPER_AVERAGE, PERPLEXITY_TASK
 
 # Spec fields that change what a number means; reports that differ in one of them are not comparable.
 _SAME_SPEC = ("limit", "window", "stride", "max_tokens")
@@ -37,7 +37,7 @@ class Delta:
 
 def load_report(path: str | Path) -> dict:
     """eval.json, the folder ``amp-edge eval --out`` wrote it into, or ``TABLE.json#ROW``: one row of the
-    eval_comparison.json that examples/eval_comparison.py writes (it embeds each row's full report), so a comparison
+    eval_comparison.json that benchmarks/eval_comparison.py writes (it embeds each row's full report), so a comparison
     can be rebuilt from the tables kept in the repository."""
     path, row = _split_row(path)
     file = path / "eval.json" if path.is_dir() else path

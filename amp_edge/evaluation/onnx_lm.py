@@ -14,7 +14,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
 
-from ..errors import PackageError
+from amp_edge.errors import PackageError
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -37,14 +37,12 @@ def load_package_tokenizer(folder: Path):
 class OnnxLM(TemplateLM):
     def __init__(self, package: str | Path, batch_size: int = 4, threads: int | None = None):
         super().__init__()
-        from runtime_bench.generate import OnnxDecoder, PackageError as RuntimePackageError, session_options
+        from amp_edge_runtime.decoder import OnnxDecoder
+        from amp_edge_runtime.session import session_options
 
         self.folder = Path(package)
         self.tokenizer = load_package_tokenizer(self.folder)
-        try:
-            self.decoder = OnnxDecoder(self.folder, options=session_options(threads))
-        except RuntimePackageError as e:
-            raise PackageError(str(e)) from None
+        self.decoder = OnnxDecoder(self.folder, options=session_options(threads))
         config = self.folder / "config.json"
         cfg = json.loads(config.read_text()) if config.is_file() else {}
         self.max_length = int(cfg.get("max_position_embeddings") or DEFAULT_MAX_LENGTH)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_dir
-from .tasks import PERPLEXITY_TASK
+from amp_edge.io import atomic_dir
+from amp_edge.evaluation.tasks import PERPLEXITY_TASK
 
 
 def markdown(report: dict) -> str:

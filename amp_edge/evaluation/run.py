@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidOptionError
-from .tasks import PAPER_AVERAGE, PERPLEXITY_TASK, data_file, parse_tasks, task_config
+from amp_edge.errors import InvalidOptionError
+from amp_edge.evaluation.tasks import PAPER_AVERAGE, PERPLEXITY_TASK, data_file, parse_tasks, task_config
 
 log = logging.getLogger(__name__)
 DEFAULT_TASKS = "wikitext2,piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa"
@@ -61,7 +61,7 @@ def evaluate(source: str, spec: EvalSpec, dtype: str = "float32") -> dict:
         report["tasks"].update(_zero_shot(model.lm, zero_shot, spec))
     report["average"] = averages(report["tasks"])
     report["seconds"] = round(time.perf_counter() - start, 1)
-    from ..versions import versions
+    from amp_edge.versions import versions
 
     report["versions"] = versions() | {"lm_eval": _version("lm_eval")}
     return report
@@ -127,14 +127,14 @@ class _TorchModel:
     def __init__(self, source: str, spec: EvalSpec, dtype: str):
         from lm_eval.models.huggingface import HFLM
 
-        from ..sources import load_model
+        from amp_edge.models.sources import load_model
 
         self.loaded = load_model(source, dtype=dtype)
         self.params = sum(p.numel() for p in self.loaded.model.parameters())
         self.lm = HFLM(pretrained=self.loaded.model, tokenizer=self.loaded.tokenizer, batch_size=spec.batch_size, device="cpu")
 
     def perplexity(self, spec: EvalSpec) -> dict:
-        from ..perplexity import perplexity, read_eval_text
+        from amp_edge.evaluation.perplexity import perplexity, read_eval_text
 
         text = read_eval_text(data_file(PERPLEXITY_TASK, spec.data_dir, required=True))
         return perplexity(self.loaded.model, self.loaded.tokenizer, text, spec.window, spec.stride, spec.max_tokens).to_dict()
@@ -144,7 +144,7 @@ class _OnnxModel:
     kind = "onnx"
 
     def __init__(self, source: str, spec: EvalSpec):
-        from .onnx_lm import OnnxLM
+        from amp_edge.evaluation.onnx_lm import OnnxLM
 
         self.lm = OnnxLM(source, batch_size=spec.batch_size, threads=spec.threads)
         manifest = Path(source) / "amp_edge.json"
@@ -153,7 +153,7 @@ class _OnnxModel:
     def perplexity(self, spec: EvalSpec) -> dict:
         import torch
 
-        from ..perplexity import perplexity, read_eval_text
+        from amp_edge.evaluation.perplexity import perplexity, read_eval_text
 
         text = read_eval_text(data_file(PERPLEXITY_TASK, spec.data_dir, required=True))
         forward = lambda chunk: torch.from_numpy(self.lm.forward([chunk[0].tolist()]))  # noqa: E731
@@ -162,7 +162,7 @@ class _OnnxModel:
 
 
 def _load(source: str, spec: EvalSpec, dtype: str) -> _TorchModel | _OnnxModel:
-    from .onnx_lm import is_onnx_package
+    from amp_edge.evaluation.onnx_lm import is_onnx_package
 
     if spec.threads:
         import torch

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DataError, InvalidOptionError
+from amp_edge.errors import DataError, InvalidOptionError
 
 PERPLEXITY_TASK = "wikitext2"
 # name -> file under the data dir

@@ -19,10 +19,11 @@ try:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from runtime_bench.generate import OnnxDecoder, PackageError
+    from amp_edge_runtime.decoder import OnnxDecoder
+    from amp_edge_runtime.errors import PackageError
 except ImportError as e:  # a device without the runtime: say what to install, not a traceback
     sys.exit(f"error: {e.name} is missing; pip install onnxruntime numpy tokenizers jinja2 "
-             "(and copy runtime_bench/ next to chat.py)")
+             "(and copy amp_edge_runtime/ next to chat.py)")
 
 FALLBACK = "User: {}\nAssistant:"  # a package without a chat template gets plain text turns
 

@@ -1,6 +1,6 @@
 """Bench packages on a device that has only Python, onnxruntime and numpy, and bring the report back.
 
-    # a self-contained folder to copy by any means (adb push, scp, an SD card): runtime_bench/ + packages/ + run.sh
+    # a self-contained folder to copy by any means (adb push, scp, an SD card): runtime_bench/ + amp_edge_runtime/ + packages/ + run.sh
     python examples/profile_on_device/profile_device.py stage PKG... --to bench-kit --prompt-len 128,512
     # or all of it over ssh: copy, run, fetch bench.json
     python examples/profile_on_device/profile_device.py ssh user@device PKG... --out device.json --prompt-len 128,512
@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import amp_edge_runtime
 import runtime_bench
 from runtime_bench.bench import _names
 
@@ -34,16 +35,17 @@ exec "${{PYTHON:-python3}}" -m runtime_bench {packages} --out result --overwrite
 
 
 def stage(packages: list[str], folder: Path, options: list[str]) -> Path:
-    """``folder``: runtime_bench's sources, the packages (hard links where possible) and run.sh."""
+    """``folder``: the sources of runtime_bench and amp_edge_runtime, the packages (hard links where possible) and run.sh."""
     if folder.exists():
         raise SystemExit(f"error: {folder} already exists; pick a new folder")
     for p in packages:
         if not (Path(p) / "model.onnx").is_file():
             raise SystemExit(f"error: {p} is not a package (no model.onnx)")
-    code = folder / "runtime_bench"
-    code.mkdir(parents=True)
-    for src in Path(runtime_bench.__file__).parent.glob("*.py"):
-        shutil.copy2(src, code / src.name)
+    for module in (amp_edge_runtime, runtime_bench):  # the bench and the torch-free decoder it runs
+        code = folder / module.__name__
+        code.mkdir(parents=True)
+        for src in Path(module.__file__).parent.glob("*.py"):
+            shutil.copy2(src, code / src.name)
     staged = []
     # the same relative names the desktop report gives them, so the rows match in --compare-json
     for src, name in _names(packages).items():
@@ -61,7 +63,7 @@ def over_ssh(host: str, packages: list[str], out: Path, options: list[str], remo
     with tempfile.TemporaryDirectory() as tmp:
         kit = stage(packages, Path(tmp) / "kit", options)
         d = shlex.quote(remote_dir)  # replace only what a kit holds, never the folder itself
-        _call(["ssh", host, f"mkdir -p {d} && cd {d} && rm -rf runtime_bench packages result run.sh"])
+        _call(["ssh", host, f"mkdir -p {d} && cd {d} && rm -rf runtime_bench amp_edge_runtime packages result run.sh"])
         _call(["scp", "-rq"] + [str(p) for p in sorted(kit.iterdir())] + [f"{host}:{remote_dir}/"])
         _call(["ssh", host, f"PYTHON={shlex.quote(python)} sh {shlex.quote(remote_dir)}/run.sh"])
         _call(["scp", "-q", f"{host}:{remote_dir}/result/bench.json", str(out)])

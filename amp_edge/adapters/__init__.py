@@ -1,6 +1,0 @@
-"""Architecture adapters, registered by ``model_type``. Importing this package registers them all."""
-
-from . import llama, phi, phi3  # noqa: F401  (registration side effect)
-from .base import Adapter, LayerShape, UnitCosts, get_adapter, register, supported_model_types
-
-__all__ = ["Adapter", "LayerShape", "UnitCosts", "get_adapter", "register", "supported_model_types"]

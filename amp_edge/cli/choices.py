@@ -1,0 +1,31 @@
+"""The closed sets of option values, as enums so that --help lists them (tests check they match the library's)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+Criterion = Choice("Criterion", {v: v for v in ("amp", "wanda-sp", "magnitude", "random")})
+Allocation = Choice("Allocation", {v: v for v in ("uniform", "global")})
+Gqa = Choice("Gqa", {v: v for v in ("query", "group")})
+Normalization = Choice("Normalization", {v: v for v in ("mean", "zscore")})
+WeightDtype = Choice("WeightDtype", {v: v for v in ("float32", "float16", "bfloat16", "auto")})
+RecoverMethod = Choice("RecoverMethod", {v: v for v in ("distill", "lora")})
+Schedule = Choice("Schedule", {v: v for v in ("cosine", "linear")})
+Precision = Choice("Precision", {v: v for v in ("fp32", "bf16")})
+ExportDtype = Choice("ExportDtype", {v: v for v in ("fp32", "fp16", "int8", "int4")})
+Optimize = Choice("Optimize", {v: v for v in ("fuse", "none")})
+Attention = Choice("Attention", {v: v for v in ("auto", "gqa", "sdpa")})
+Int8Scheme = Choice("Int8Scheme", {v: v for v in ("weight-only", "dynamic")})
+Embedding = Choice("Embedding", {v: v for v in ("shared", "fp16")})
+Provider = Choice("Provider", {v: v for v in ("cpu", "cuda")})
+
+
+def value(choice):
+    """The plain string the library takes (None stays None)."""
+    return None if choice is None else str(choice)

@@ -1,0 +1,1 @@
+"""Text in: calibration samples and recovery training data."""

@@ -1,0 +1,84 @@
+"""Saving pruned checkpoints atomically, and loading those whose layers differ in shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from amp_edge.models.adapters import get_adapter
+from amp_edge.errors import ModelLoadError, ModelNotFoundError
+from amp_edge.io import atomic_dir
+from amp_edge.pruning.plan import PLAN_FILE, LayerPlan, PruningPlan
+from amp_edge.models.dtypes import torch_dtype
+from amp_edge.pruning.surgery import PER_LAYER_KEY, apply_plan
+
+
+def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite: bool = False,
+                extra: dict[str, dict] | None = None) -> Path:
+    """safetensors + config (every shape explicit) + tokenizer + plan (+ ``extra`` JSON files), written atomically."""
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / PLAN_FILE)
+        for name, data in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=1))
+    return Path(out)
+
+
+def is_per_layer(path: str | Path) -> bool:
+    try:
+        return PER_LAYER_KEY in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_pruned(path: str | Path, dtype: str = "auto") -> torch.nn.Module:
+    """Load a pruned checkpoint, including one whose layers have different head counts or MLP widths."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} is not a pruned checkpoint (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    td = torch_dtype(dtype)
+    if td == "auto":
+        td = getattr(config, "dtype", None) or torch.float32
+        td = torch_dtype(td) if isinstance(td, str) else td
+    sizes = getattr(config, PER_LAYER_KEY, None)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=td)
+    if sizes:
+        # Shape the modules by pruning the freshly built model to the saved sizes; the weights come next.
+        group = config.num_attention_heads // config.num_key_value_heads
+        layers = [
+            LayerPlan([g * group + j for g in range(kv) for j in range(h // kv)], list(range(kv)), list(range(n)))
+            for h, kv, n in zip(sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"])
+        ]
+        apply_plan(model, PruningPlan(config.model_type, layers, original_shapes=[]))
+    state = _read_safetensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ModelLoadError(f"checkpoint {path} does not match its config: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    get_adapter(model)  # fails clearly for an unsupported architecture
+    return model.to(td).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise ModelLoadError(f"checkpoint {path} is missing {f}")
+        state.update(load_file(path / f))
+    return state

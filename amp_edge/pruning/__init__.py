@@ -1,0 +1,1 @@
+"""The AMP pipeline: score, allocate, split heads/MLP, plan, surgery, refit."""

@@ -1,0 +1,248 @@
+"""prune(): load -> calibrate -> score -> allocate -> apply -> save, as one library call."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from amp_edge.models.adapters import get_adapter, supported_model_types
+from amp_edge.pruning.allocation import check_options
+from amp_edge.data.calibration import CalibrationSpec, calibration_batches, generate_rows
+from amp_edge.io import check_output
+from amp_edge.models.checkpoint import save_pruned
+from amp_edge.errors import InvalidOptionError, UnsupportedArchitectureError
+from amp_edge.memory import release_memory
+from amp_edge.pruning.plan import PruningPlan
+from amp_edge.recovery.train import RECOVERY_FILE, RecoverySpec, recover, usable_precision
+from amp_edge.data.recovery_data import recovery_rows, recovery_texts, wants_self, write_samples
+from amp_edge.recovery.state import fingerprint, load_rows, save_rows
+from amp_edge.pruning.refit import RefitSpec, load_refitted, refit_weights
+from amp_edge.pruning.scoring import criteria, needs_calibration, score
+from amp_edge.pruning.split import parse_heads, split_plan
+from amp_edge.models.sources import LoadedModel, load_model, resolve
+from amp_edge.pruning.surgery import apply_plan, count_parameters, needs_load_pruned
+from amp_edge.versions import versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    ratio: float = 0.3
+    criterion: str = "amp"
+    allocation: str = "uniform"
+    gqa: str = "query"
+    min_keep: float = 0.1
+    normalization: str = "mean"
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    seed: int = 0
+    refit: RefitSpec | None = None  # least-squares refit of o_proj/down_proj after pruning (amp_edge.pruning.refit)
+    heads: str = "auto"  # head units removed per layer: auto | proportional | N (amp_edge.pruning.split)
+
+    def check(self) -> None:
+        check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
+        parse_heads(self.heads)
+        if self.refit is not None:
+            self.refit.check()
+        if self.criterion not in criteria():
+            raise InvalidOptionError(f"unknown criterion {self.criterion!r}; choose from {', '.join(criteria())}")
+        if self.needs_calibration():
+            self.calibration.check()
+
+    def needs_calibration(self) -> bool:
+        """The criterion reads activations, or auto compares head splits by their loss on calibration text."""
+        return needs_calibration(self.criterion) or parse_heads(self.heads) == "auto"
+
+
+@dataclass
+class PruneResult:
+    plan: PruningPlan
+    layers: list[dict]
+    params_before: int
+    params_after: int
+    seconds: float
+    out: str | None = None
+    per_layer: bool = False  # True: the config carries per-layer sizes, load with amp_edge.load_pruned
+    recovery: dict | None = None  # what recovery training ran (RecoveryResult.to_dict()), if any
+    refit: dict | None = None  # what the least-squares refit used (RefitSpec, tokens, seconds), if it ran
+
+    def to_dict(self) -> dict:
+        return {
+            "out": self.out, "criterion": self.plan.criterion, "ratio": self.plan.ratio,
+            "allocation": self.plan.allocation, "gqa": self.plan.gqa,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "params_removed_fraction": 1 - self.params_after / self.params_before,
+            "head_split": self.plan.head_split,
+            "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
+            **({"refit": self.refit} if self.refit else {}),
+            **({"recovery": self.recovery} if self.recovery else {}),
+        }
+
+    def after_pruning(self) -> dict | None:
+        """What changed the weights after the plan was applied (saved as amp_edge_recovery.json), or None."""
+        if not (self.refit or self.recovery):
+            return None
+        return {**(self.recovery or {}), **({"refit": self.refit} if self.refit else {})}
+
+
+def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
+    """Score the model and decide what to keep; the model is not changed."""
+    opts.check()
+    adapter = get_adapter(loaded.model)
+    adapter.check_prunable()
+    # The ratio's feasibility depends on shapes only: refuse it before spending time on calibration.
+    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
+    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    batches = calibration_batches(opts.calibration, loaded.model, loaded.tokenizer) if opts.needs_calibration() else []
+    scores = score(opts.criterion, adapter, batches, seed=opts.seed)
+    plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches)
+    plan.criterion = opts.criterion
+    plan.calibration = opts.calibration.to_dict() if opts.needs_calibration() else {}
+    plan.calibration["seed"] = opts.seed
+    return plan
+
+
+def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
+          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+          recovery: RecoverySpec | None = None) -> PruneResult:
+    """Prune ``source`` with AMP (or a replayed plan), optionally recover, and save the compact model to ``out``.
+
+    With recovery and no ``recovery.resume_dir``, the training state goes to ``.<out>.recover-state`` beside
+    ``out``: rerunning the same command after an interruption resumes there; it is removed once ``out`` is saved.
+    """
+    start = time.perf_counter()
+    if out is not None:
+        check_output(out, overwrite)
+    state_dir = None
+    if recovery is not None and recovery.resume_dir is None and out is not None:
+        state_dir = Path(out).expanduser().parent / f".{Path(out).name}.recover-state"
+        recovery = replace(recovery, resume_dir=str(state_dir), restart_on_mismatch=True)
+    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery)
+    if out is not None:
+        after = result.after_pruning()
+        extra = {RECOVERY_FILE: after} if after else None
+        save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite, extra=extra)
+        result.out = str(out)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    result.seconds = time.perf_counter() - start  # the whole job, saving included
+    return result
+
+
+def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | None = None, dtype: str = "float32",
+                    trust_remote_code: bool = False, recovery: RecoverySpec | None = None) -> tuple[LoadedModel, PruneResult]:
+    """Load ``source`` and prune it in memory (then recover, if asked); returns the pruned model and what was done.
+
+    Recovery data defaults to the calibration source; ``self`` samples are written by the dense model.
+    """
+    start = time.perf_counter()
+    plan = PruningPlan.load(plan_path) if plan_path else None
+    if plan is None:
+        opts.check()
+    elif opts.refit is not None:
+        opts.refit.check()
+    if recovery is not None and recovery.data is None:
+        recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
+    texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
+    _precheck_architecture(source)
+    loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(loaded.model)
+    before_shapes = adapter.shapes()
+    if plan is None:
+        plan = make_plan(loaded, opts)
+    plan.source = {k: v for k, v in loaded.source.items()}
+    plan.versions = versions()
+    teacher, rows = None, None
+    if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
+        recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
+        rows = _recovery_rows(recovery, texts, loaded)
+        teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None
+        if teacher is not None and recovery.precision == "bf16":
+            teacher.to(torch.bfloat16)  # it only runs under bf16 autocast: half the memory, no per-step weight casts
+    refitted = _refit(loaded, adapter, plan, opts) if opts.refit is not None else None
+    params_before = count_parameters(loaded.model)
+    apply_plan(loaded.model, plan)
+    if refitted is not None:
+        load_refitted(adapter, refitted[0])
+    params_after = count_parameters(loaded.model)
+    plan.params = {"before": params_before, "after": params_after}
+    result = PruneResult(plan, _layer_summary(before_shapes, adapter), params_before, params_after,
+                         time.perf_counter() - start, None, needs_load_pruned(loaded.model.config))
+    result.refit = refitted[1] if refitted is not None else None
+    if recovery is not None:
+        result.recovery = recover(loaded.model, teacher, loaded.tokenizer, recovery, data=rows).to_dict()
+        del teacher
+        release_memory()
+        result.seconds = time.perf_counter() - start
+    return loaded, result
+
+
+def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):
+    """Refitted output projections for ``plan`` (from the dense model) and a record of the fit."""
+    start = time.perf_counter()
+    spec = replace(opts.calibration, num_samples=opts.refit.num_samples, seq_len=opts.refit.seq_len)
+    batches = calibration_batches(spec, loaded.model, loaded.tokenizer)
+    weights = refit_weights(adapter, plan, batches, opts.refit.damp)
+    info = {**opts.refit.to_dict(), "source": spec.source, "tokens": sum(b.numel() for b in batches),
+            "seconds": round(time.perf_counter() - start, 1)}
+    return weights, info
+
+
+def _recovery_rows(recovery: RecoverySpec, texts: list[str] | None, loaded: LoadedModel) -> torch.Tensor:
+    """Training rows. Those the dense model writes are slow (1024 x 256 tokens: 33 min on a 2-core CPU), so with a
+    resume folder they are kept there and a rerun reads them back instead of writing them again."""
+    r, written = recovery, None
+    if r.resume_dir and wants_self(r.source):
+        key = {"seq_len": r.seq_len, "seed": r.seed, "self_samples": r.self_samples, "batch_size": r.batch_size,
+               "generate_rows": generate_rows(loaded.model, r.seq_len), "model": fingerprint(loaded.model.parameters())}
+        written = load_rows(r.resume_dir, key)
+        if written is None:
+            written = write_samples(loaded.model, loaded.tokenizer, r.seq_len, r.seed, r.self_samples, r.batch_size)
+            save_rows(r.resume_dir, written, key)
+        else:
+            log.info("recovery: the dense model's samples read back from %s", r.resume_dir)
+    return recovery_rows(texts, loaded.tokenizer, r.seq_len, r.seed, r.source, loaded.model, r.self_samples,
+                         r.batch_size, written)
+
+
+def _check_recovery(recovery: RecoverySpec | None, dtype: str) -> list[str] | None:
+    """Check the recovery options and read its data (None for self-generated); raises on bad input."""
+    if recovery is None:
+        return None
+    recovery.check()
+    if dtype != "float32":
+        raise InvalidOptionError(f"recovery trains in float32; got --dtype {dtype}")
+    return recovery_texts(recovery.source, recovery.field)
+
+
+def _layer_summary(before, adapter) -> list[dict]:
+    rows = []
+    for i, (b, a) in enumerate(zip(before, adapter.shapes())):
+        layer = adapter.layers()[i]
+        rows.append({
+            "layer": i, "heads": [b.num_heads, a.num_heads], "kv_heads": [b.num_kv_heads, a.num_kv_heads],
+            "ffn": [b.intermediate_size, a.intermediate_size], "params_after": sum(p.numel() for p in layer.parameters()),
+        })
+    return rows
+
+
+def _precheck_architecture(source: str) -> None:
+    """Read a local folder's model_type before loading gigabytes of weights."""
+    where = resolve(source)
+    if where["kind"] != "folder":
+        return
+    try:
+        model_type = json.loads((Path(where["path"]) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return
+    if model_type not in supported_model_types():
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
+        )

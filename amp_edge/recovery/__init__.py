@@ -1,0 +1,1 @@
+"""Training a pruned model back: distillation or LoRA, resumable."""

@@ -1,0 +1,1 @@
+"""Torch-free runtime for exported packages: what an app copies (onnxruntime, numpy, tokenizers)."""
