@@ -19,12 +19,11 @@ import torch
 import torch.onnx.operators
 from torch import nn
 
-from amp_edge.models.adapters import get_adapter
+from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
 from amp_edge.errors import InvalidOptionError
 from amp_edge.memory import trim_heap
 
 ATTENTION_MODES = ("auto", "gqa", "sdpa")
-GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Llama's layout (and Phi-3's fused one)
 STATIC_ROPE = (None, "default", "linear", "llama3")  # one cos/sin table serves every position
 
 
@@ -43,8 +42,9 @@ def ineligible(model: nn.Module) -> dict[int, str]:
     adapter = get_adapter(model)
     config = model.config
     family, rope = config.model_type, _rope_type(config)
-    if family not in GQA_FAMILIES:
-        reason = f"model_type {family!r} (GQA export covers {', '.join(GQA_FAMILIES)})"
+    if not adapter.gqa_export:
+        covered = ", ".join(t for t in supported_model_types() if adapter_class(t).gqa_export)
+        reason = f"model_type {family!r} (GQA export covers {covered})"
         return {i: reason for i in range(adapter.num_layers)}
     if rope not in STATIC_ROPE:
         return {i: f"rope scaling {rope!r} changes with the sequence length" for i in range(adapter.num_layers)}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from amp_edge.models.adapters import get_adapter
 
-# onnxruntime-genai's model type names for the families amp-edge exports
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi", "phi3": "phi3"}
 
 
 def genai_config(model, tokenizer=None) -> dict:
@@ -48,7 +46,7 @@ def genai_config(model, tokenizer=None) -> dict:
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
-            "type": GENAI_TYPES.get(config.model_type, config.model_type),
+            "type": adapter.genai_type or config.model_type,
             "vocab_size": config.vocab_size,
         },
         "search": {

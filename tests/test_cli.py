@@ -5,19 +5,12 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from amp_edge import load_pruned
-from amp_edge.cli import app
 
-from .tiny import sample_ids, save_tiny
+from tests.conftest import run_cli as run
+from tests.tiny import sample_ids
 
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +18,6 @@ def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"Sample number {i}: the cat sat on the mat. " * 3}) for i in range(20)))
     return path
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_prune_json_and_plain_reload(tiny_dir, calib_file, tmp_path):
@@ -91,8 +80,8 @@ def _bad_inputs(tiny_dir, calib_file, tmp_path):
         "empty calibration file": ([tiny_dir, "--calib", empty], "holds no text"),
         "missing calibration file": ([tiny_dir, "--calib", tmp_path / "nope.jsonl"], "not found"),
         "plan for another model": ([tiny_dir, "--plan", wrong_plan], "model_type 'qwen2'"),
-        "unknown criterion": ([tiny_dir, "--criterion", "taylor"] + small, "choose from amp"),
-        "bad gqa": ([tiny_dir, "--gqa", "kv"] + small, "choose from query, group"),
+        "unknown criterion": ([tiny_dir, "--criterion", "taylor"] + small, "--criterion.*'taylor' is not one of 'amp'"),
+        "bad gqa": ([tiny_dir, "--gqa", "kv"] + small, "--gqa.*'kv' is not one of 'query', 'group'"),
     }, existing
 
 

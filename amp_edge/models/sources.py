@@ -13,7 +13,7 @@ import torch
 
 from amp_edge.models import gguf_cache
 from amp_edge.errors import ModelLoadError, ModelNotFoundError
-from amp_edge.models.checkpoint import PLAN_FILE, is_per_layer, load_pruned
+from amp_edge.models.checkpoint import PLAN_FILE, check_safetensors, is_per_layer, load_pruned
 from amp_edge.models.dtypes import torch_dtype
 from amp_edge.hardware import half_is_fast
 
@@ -86,6 +86,8 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     if isinstance(td, torch.dtype) and not half_is_fast(td):
         log.warning("--dtype %s has no native kernels on this CPU (no AVX512-BF16/FP16 or AMX): its matmuls run ~100x "
                     "slower than float32 here", dtype)
+    if where["kind"] == "folder":
+        _require_safetensors(Path(where["path"]))
     if where["kind"] == "folder" and is_per_layer(where["path"]):
         model = load_pruned(where["path"], dtype=dtype)
         tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"]), source)
@@ -104,8 +106,6 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights
         tok_kwargs = {"trust_remote_code": trust_remote_code}
-        if where["kind"] == "folder":
-            _require_safetensors(Path(where["path"]))
     log.info("loading %s (%s)", source, where["kind"])
     model = _guard(lambda: AutoModelForCausalLM.from_pretrained(where["path"], **kwargs), source)
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"], **tok_kwargs), source)
@@ -118,8 +118,11 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
 
 def _require_safetensors(folder: Path) -> None:
-    if not any(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise ModelLoadError(f"folder {folder} holds no .safetensors weights (pickled weights are not loaded)")
+    for f in files:
+        check_safetensors(f)
 
 
 def _guard(fn, source: str):

@@ -27,14 +27,18 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    model_type = getattr(model.config, "model_type", None)
+def adapter_class(model_type: str | None) -> type[Adapter]:
+    """The registered adapter of ``model_type``; a miss lists the supported types."""
     cls = _REGISTRY.get(model_type)
     if cls is None:
         raise UnsupportedArchitectureError(
             f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
         )
-    return cls(model)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    return adapter_class(getattr(model.config, "model_type", None))(model)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class Adapter:
     o_name: ClassVar[str] = "o_proj"
     mlp_in_names: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
     mlp_out_name: ClassVar[str] = "down_proj"
+    # Export traits: what the exporters need to know of the family, kept here so no per-family table lives elsewhere.
+    gqa_export: ClassVar[bool] = True  # attention maps onto ONNX Runtime's GroupQueryAttention (Llama's q/k/v layout)
+    genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type name ("" = model_type)
 
     def __init__(self, model: nn.Module):
         self.model = model

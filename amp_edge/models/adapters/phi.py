@@ -10,6 +10,7 @@ class PhiAdapter(Adapter):
     o_name = "dense"
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
+    gqa_export = False  # partial rotary on a dense/fc layout: exported with plain attention
 
     def check_prunable(self) -> None:
         # Its q/k layernorms are sized hidden // heads, which stops matching head_dim once heads go.
