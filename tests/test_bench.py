@@ -19,7 +19,7 @@ def packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     dense = save_tiny("llama", root / "dense")
     export(str(dense), root / "dense-fp32", ExportOptions(ratio=0))
-    export(str(dense), root / "amp30-int4", ExportOptions(ratio=0.3, quant=QuantSpec("int4"), min_top1=0.0))
+    export(str(dense), root / "amp30-int4", ExportOptions(ratio=0.3, quant=QuantSpec("int4"), min_top1=0.4))  # measured 0.458
     return root
 
 
@@ -71,6 +71,9 @@ def test_bad_input(packages, tmp_path):
     r = runner.invoke(app, ["bench", str(packages / "dense-fp32"), "--provider", "cuda", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not available" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x").exists()
+    # raised while the progress display is up: still exactly one line, no blank line left by the display before it
+    r = runner.invoke(app, ["bench", str(corrupt), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, repr(r.output)
 
 
 def test_thread_spinning_is_a_choice():

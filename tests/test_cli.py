@@ -106,3 +106,40 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, calib_file, tmp_path
     assert re.search(match, lines[0]), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left behind
     assert (existing / "keep.txt").read_text() == "precious"
+
+
+def test_cli_choices_are_the_library_s():
+    """The enums --help lists are the values the library accepts, so neither can drift from the other."""
+    from amp_edge.cli import choices
+    from amp_edge.models.dtypes import DTYPES as WEIGHT_DTYPES
+    from amp_edge.pruning.allocation import ALLOCATIONS, GQA_MODES, NORMALIZATIONS
+    from amp_edge.pruning.scoring import criteria
+    from amp_edge.recovery.train import METHODS, PRECISIONS, SCHEDULES
+    from exporters.attention import ATTENTION_MODES
+    from exporters.graph import OPTIMIZE_LEVELS
+    from exporters.quantize import DTYPES, EMBEDDINGS, INT8_SCHEMES
+    from runtime_bench.bench import PROVIDERS
+
+    pairs = [(choices.Criterion, criteria()), (choices.Allocation, ALLOCATIONS), (choices.Gqa, GQA_MODES),
+             (choices.Normalization, NORMALIZATIONS), (choices.WeightDtype, [*WEIGHT_DTYPES, "auto"]),
+             (choices.RecoverMethod, METHODS), (choices.Schedule, SCHEDULES), (choices.Precision, PRECISIONS),
+             (choices.ExportDtype, DTYPES), (choices.Optimize, OPTIMIZE_LEVELS), (choices.Attention, ATTENTION_MODES),
+             (choices.Int8Scheme, INT8_SCHEMES), (choices.Embedding, EMBEDDINGS), (choices.Provider, PROVIDERS)]
+    for enum, allowed in pairs:
+        assert sorted(c.value for c in enum) == sorted(allowed), enum.__name__
+
+
+def test_version_and_help_panels():
+    from amp_edge import __version__
+
+    res = run("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"amp-edge {__version__}"
+    from typer.testing import CliRunner
+
+    from amp_edge.cli import app
+
+    text = CliRunner().invoke(app, ["prune", "--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Model and output", "Pruning", "Calibration", "Refit (after pruning)", "Recovery (after pruning)"):
+        assert panel in text, panel
+    assert "<amp|wanda-sp|magnitude|random>" in text and "<query|group>" in text  # choices listed, not <str>
+    assert "<bool>" not in text.split("Model and output")[1]  # our flags are shown as flags (--help is typer's own)

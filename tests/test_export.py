@@ -71,14 +71,20 @@ def _matmul_bits(path: Path) -> dict[str, int]:
     return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
 
 
+# Measured on tiny_model("llama") seed 0 (random weights: far more fragile than a trained model's): top-1 agreement
+# fp16 0.988, int8 0.928, int4 0.398; max |Δlogits| 0.048, 0.33, 4.71. The bounds sit a little outside those.
+QUANT_BOUNDS = {"fp16": (0.95, 0.1), "int8": (0.88, 0.5), "int4": (0.35, 6.0)}
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
 def test_quantized_exports_report_parity(tmp_path, dtype):
     dense = save_tiny("llama", tmp_path / "dense")
     fp32 = export(str(dense), tmp_path / "fp32", ExportOptions(ratio=0))
-    # tiny random weights are far more fragile than a trained model's: the bound is lowered for the test
-    q = export(str(dense), tmp_path / dtype, ExportOptions(ratio=0, quant=QuantSpec(dtype), min_top1=0.2))
+    min_top1, max_diff = QUANT_BOUNDS[dtype]
+    q = export(str(dense), tmp_path / dtype, ExportOptions(ratio=0, quant=QuantSpec(dtype), min_top1=min_top1))
     parity = q.manifest["parity"]
-    assert parity["dtype"] == dtype and 0.2 <= parity["top1_agreement"] <= 1 and np.isfinite(parity["max_abs_diff"])
+    assert parity["dtype"] == dtype and parity["ok"] and parity["bound"]["min_top1_agreement"] == min_top1
+    assert min_top1 <= parity["top1_agreement"] <= 1 and 0 < parity["max_abs_diff"] <= max_diff
     assert q.manifest["onnx_bytes"] < fp32.manifest["onnx_bytes"]
     bits = _matmul_bits(tmp_path / dtype)
     if dtype == "fp16":
@@ -90,7 +96,9 @@ def test_quantized_exports_report_parity(tmp_path, dtype):
 
 def test_keep_8bit_and_bound_failure(tmp_path):
     dense = save_tiny("llama", tmp_path / "dense")
-    export(str(dense), tmp_path / "mixed", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("down_proj",)), min_top1=0.0))
+    mixed = export(str(dense), tmp_path / "mixed", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("down_proj",)),
+                                                                 min_top1=0.42))  # measured 0.470 (all-int4: 0.398)
+    assert mixed.manifest["parity"]["top1_agreement"] >= 0.42
     bits = _matmul_bits(tmp_path / "mixed")
     assert {b for n, b in bits.items() if "down_proj" in n} == {8}
     assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
@@ -183,7 +191,7 @@ def test_cli_export(tmp_path):
     r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--out", str(tmp_path / "pkg")])
     assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["export", str(dense), "--ratio", "0", "--dtype", "int3", "--out", str(tmp_path / "p2")])
-    assert r.exit_code == 2 and "unknown dtype" in r.output
+    assert r.exit_code == 2 and "--dtype': 'int3' is not one of 'fp32', 'fp16', 'int8', 'int4'" in r.output
 
 
 @pytest.mark.parametrize("dtype,symmetric", [("int4", False), ("int4", True), ("int8", False)])
@@ -228,9 +236,10 @@ def test_int4_export_of_a_tied_model_keeps_one_copy_of_the_embedding(tmp_path):
     model.tie_weights()
     model.save_pretrained(tmp_path / "dense", safe_serialization=True)
     char_tokenizer().save_pretrained(tmp_path / "dense")
-    shared = export(str(tmp_path / "dense"), tmp_path / "shared", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0.2))
+    # measured top-1 agreement: 0.313 shared (the 4-bit head also serves the lookups), 0.386 with the fp16 table
+    shared = export(str(tmp_path / "dense"), tmp_path / "shared", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0.27))
     fp16 = export(str(tmp_path / "dense"), tmp_path / "fp16",
-                  ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="fp16"), min_top1=0.2))
+                  ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="fp16"), min_top1=0.34))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "shared" / "model.onnx")).graph.node}
     assert "GatherBlockQuantized" in ops
     # the fp16 table (128 x 64 x 2 bytes) is gone; the 4-bit head is read twice

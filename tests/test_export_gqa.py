@@ -163,14 +163,15 @@ def test_bad_attention_value(tmp_path):
     with pytest.raises(InvalidOptionError, match="unknown attention 'flash'; choose from auto, gqa, sdpa"):
         export(str(dense), tmp_path / "x", ExportOptions(ratio=0, graph=GraphSpec(attention="flash")))
     r = CliRunner().invoke(app, ["export", str(dense), "--ratio", "0", "--attention", "flash", "--out", str(tmp_path / "p")])
-    assert r.exit_code == 2 and "unknown attention 'flash'" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "'flash' is not one of 'auto', 'gqa', 'sdpa'" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
 def test_int4_gqa_graph_validates_and_keeps_8bit_by_packed_name(tmp_path):
     dense = save_tiny("llama-gqa", tmp_path / "dense")
+    # measured top-1 agreement 0.482 (all-int4: 0.313)
     q = export(str(dense), tmp_path / "int4", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("qkv_proj", "lm_head")),
-                                                            min_top1=0.2))
+                                                            min_top1=0.43))
     assert q.manifest["parity"]["ok"] and q.manifest["graph"]["gqa_layers"] == [0, 1, 2]
     g = _graph(tmp_path / "int4")
     assert Counter(n.op_type for n in g.graph.node)["GroupQueryAttention"] == 3
@@ -184,5 +185,5 @@ def test_int4_gqa_graph_validates_and_keeps_8bit_by_packed_name(tmp_path):
 
 def test_fp16_gqa_graph_validates(tmp_path):
     dense = save_tiny("llama-gqa", tmp_path / "dense")
-    q = export(str(dense), tmp_path / "fp16", ExportOptions(ratio=0, quant=QuantSpec("fp16"), min_top1=0.5))
+    q = export(str(dense), tmp_path / "fp16", ExportOptions(ratio=0, quant=QuantSpec("fp16"), min_top1=0.95))  # measured 1.000
     assert q.manifest["parity"]["ok"] and len(_gqa_nodes(tmp_path / "fp16")) == 3

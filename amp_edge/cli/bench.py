@@ -60,7 +60,7 @@ def bench(
     if baseline_json:
         report = load_report(baseline_json)
     else:
-        with Progress(console=err, transient=True) as bar:
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:  # off a terminal: no stray newline
             task = bar.add_task("benchmarking", total=None)
             report = run_bench(packages, spec, torch_ref, progress=lambda d, t: bar.update(task, completed=d, total=t))
     if others:
