@@ -7,6 +7,7 @@ Only the unconfigured default may be absent, and then the tests that need it ski
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from typer.testing import CliRunner
 from tests.tiny import save_tiny
 
 DATA_ENV = "AMP_EDGE_DATA_DIR"
+# Calibration for tests that prune on the way to something else: 4 self-written samples of 16 tokens (the default,
+# 32 x 128, costs ~30 s per prune on a tiny model, most of it generation)
+SMALL_CALIB = dict(num_samples=4, seq_len=16)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -39,6 +43,14 @@ def require_data(*files: str) -> Path:
 def tiny_dir(tmp_path_factory) -> Path:
     """A saved tiny random Llama (GQA, 3 layers): the model of the CLI and recovery tests. Tests must not modify it."""
     return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small calibration .jsonl (20 records)."""
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Sample number {i}: the cat sat on the mat. " * 3}) for i in range(20)))
+    return path
 
 
 def run_cli(*args):

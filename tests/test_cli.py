@@ -13,13 +13,6 @@ from tests.tiny import sample_ids
 
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"Sample number {i}: the cat sat on the mat. " * 3}) for i in range(20)))
-    return path
-
-
 def test_prune_json_and_plain_reload(tiny_dir, calib_file, tmp_path):
     out = tmp_path / "pruned"
     res = run("prune", tiny_dir, "--ratio", 0.3, "--calib", calib_file, "--calib-samples", 8, "--calib-seq-len", 32, "--out", out, "--json")

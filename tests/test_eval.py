@@ -10,12 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from amp_edge.cli import app
+from amp_edge import CalibrationSpec
 from amp_edge.errors import DataError, InvalidOptionError, PackageError
 from amp_edge.evaluation.run import EvalSpec, evaluate
 from amp_edge.evaluation.tasks import KNOWN_TASKS, TASK_FILES, WIKITEXT_FILE, parse_tasks
 from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, export
-from tests.conftest import require_data
+from tests.conftest import SMALL_CALIB, require_data
 from tests.tiny import save_tiny
 
 DOCS = 6
@@ -42,7 +43,8 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("models")
     dense = save_tiny("llama-gqa", tmp / "dense")
     ckpt = tmp / "pruned"
-    prune(str(dense), ckpt, PruneOptions(ratio=0.3, criterion="random", allocation="global", min_keep=0.25))
+    prune(str(dense), ckpt, PruneOptions(ratio=0.3, criterion="random", allocation="global", min_keep=0.25,
+                                       calibration=CalibrationSpec(**SMALL_CALIB)))
     assert export(str(ckpt), tmp / "pkg", ExportOptions()).manifest["graph"]["gqa_layers"] == [0, 1, 2]
     return ckpt, tmp / "pkg"
 
@@ -73,7 +75,7 @@ def test_onnx_requests_match_lm_evals_hf_model(models):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from amp_edge import load_model
+    from amp_edge import CalibrationSpec, load_model
     from amp_edge.evaluation.onnx_lm import OnnxLM
 
     ckpt, pkg = models

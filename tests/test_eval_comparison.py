@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_eval import SHARED, needs_data
+from tests.conftest import require_data
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +64,10 @@ def test_head_rules_are_rows_of_their_own():
 
 
 @pytest.mark.slow  # a dozen amp-edge processes (~3 min on 2 cores)
-@needs_data
 def test_table_end_to_end_on_a_tiny_model(tmp_path):
     dense = save_tiny("llama", tmp_path / "dense")
     calib = tmp_path / "calib.txt"
-    calib.write_text((SHARED / "wikitext2" / "test.txt").read_text()[:20000])
+    calib.write_text((require_data("wikitext2/test.txt") / "wikitext2" / "test.txt").read_text()[:20000])
     out, work = tmp_path / "table", tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--model", str(dense), "--criteria", "amp,random", "--ratios", "0.3",
            "--recover", "--recover distill --recover-steps 2 --recover-batch-size 2 --recover-seq-len 32",

@@ -11,11 +11,12 @@ import onnx
 import pytest
 import torch
 
-from amp_edge import load_model
+from amp_edge import CalibrationSpec, load_model
 from amp_edge.errors import AmpEdgeError, ExportError, ExportValidationError, InvalidOptionError, OutputExistsError
 from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import MANIFEST, ExportOptions, QuantSpec, export
 from amp_edge_runtime.decoder import OnnxDecoder
+from tests.conftest import SMALL_CALIB
 from tests.tiny import FAMILIES, save_tiny
 
 PROMPT = [[5, 9, 33, 70, 12, 44]]
@@ -25,7 +26,8 @@ EOS = 2  # the tiny configs' eos_token_id
 def pruned(tmp_path: Path, family: str, allocation: str) -> Path:
     dense = save_tiny(family, tmp_path / "dense")
     out = tmp_path / "pruned"
-    prune(str(dense), out, PruneOptions(ratio=0.3, criterion="random", allocation=allocation, min_keep=0.25))
+    prune(str(dense), out, PruneOptions(ratio=0.3, criterion="random", allocation=allocation, min_keep=0.25,
+                                          calibration=CalibrationSpec(**SMALL_CALIB)))
     return out
 
 
@@ -61,7 +63,7 @@ def test_uniform_package_contents(tmp_path, family):
 def test_dense_export_with_ratio_zero_and_prune_in_one_command(tmp_path):
     dense = save_tiny("llama", tmp_path / "dense")
     a = export(str(dense), tmp_path / "a", ExportOptions(ratio=0))
-    b = export(str(dense), tmp_path / "b", ExportOptions(ratio=0.3, prune=PruneOptions(criterion="magnitude")))
+    b = export(str(dense), tmp_path / "b", ExportOptions(ratio=0.3, prune=PruneOptions(criterion="magnitude", calibration=CalibrationSpec(**SMALL_CALIB))))
     assert not a.manifest["pruned"] and a.manifest["params"]["after"] == a.manifest["params"]["before"]
     assert b.manifest["pruned"] and b.manifest["params"]["after"] < 0.75 * b.manifest["params"]["before"]
 

@@ -12,20 +12,22 @@ import onnx
 import pytest
 import torch
 
-from amp_edge import load_model
+from amp_edge import CalibrationSpec, load_model
 from amp_edge.models.adapters import LayerShape, get_adapter
 from amp_edge.errors import InvalidOptionError
 from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import ExportOptions, GraphSpec, QuantSpec, export
 from exporters.attention import ineligible
 from amp_edge_runtime.decoder import OnnxDecoder
-from tests.tiny import save_tiny, tiny_model
+from tests.conftest import SMALL_CALIB
+from tests.tiny import save_tiny, staggered_plan, tiny_model
 
 
 def _pruned(tmp_path: Path, family: str, allocation: str = "global") -> Path:
     dense = save_tiny(family, tmp_path / "dense")
     out = tmp_path / "pruned"
-    prune(str(dense), out, PruneOptions(ratio=0.3, criterion="random", allocation=allocation, min_keep=0.25))
+    prune(str(dense), out, PruneOptions(ratio=0.3, criterion="random", allocation=allocation, min_keep=0.25,
+                                          calibration=CalibrationSpec(**SMALL_CALIB)))
     return out
 
 
@@ -47,7 +49,10 @@ def _right_padded(rows):
 
 
 def test_one_gqa_node_per_layer_with_its_own_heads(tmp_path):
-    src = _pruned(tmp_path, "llama-gqa", "global")
+    save_tiny("llama-gqa", tmp_path / "dense")
+    staggered_plan(tiny_model("llama-gqa")).save(tmp_path / "plan.json")  # layers keep different heads and KV heads
+    src = tmp_path / "pruned"
+    prune(str(tmp_path / "dense"), src, PruneOptions(), plan_path=tmp_path / "plan.json")
     result = export(str(src), tmp_path / "pkg", ExportOptions())
     shapes = get_adapter(load_model(str(src)).model).shapes()
     assert len({(s.num_heads, s.num_kv_heads) for s in shapes}) > 1  # a per-layer plan

@@ -14,11 +14,10 @@ import torch
 from amp_edge import load_pruned, supported_model_types
 from amp_edge.models.adapters import get_adapter
 from amp_edge.pruning.pipeline import PruneOptions, prune
-from amp_edge.pruning.plan import PruningPlan
 from amp_edge_runtime.decoder import OnnxDecoder
 from exporters import ExportOptions, export
 from tests import test_export
-from tests.tiny import FAMILIES, save_tiny, tiny_model
+from tests.tiny import FAMILIES, save_tiny, staggered_plan, tiny_model
 
 PROMPT = np.array([[5, 9, 33, 70, 12, 44, 7, 81]])
 # (tiny config, plan): "staggered" is a hand-written plan whose layers keep different KV groups (every family, and
@@ -26,19 +25,6 @@ PROMPT = np.array([[5, 9, 33, 70, 12, 44, 7, 81]])
 CASES = [(f, "staggered") for f in FAMILIES + ["llama-gqa", "qwen3-gqa"]] + [("mistral", "global")] + \
         [(f, "uniform") for f in ("llama", "qwen2", "phi3-gqa")]
 PER_LAYER_KV = {case for case in CASES if case[1] != "uniform"}
-
-
-def staggered_plan(model) -> PruningPlan:
-    """Layer 0 keeps every KV group, layer i > 0 drops group i mod kv (with its query heads) and 8 i neurons."""
-    adapter = get_adapter(model)
-    plan = PruningPlan.keep_all(adapter, criterion="manual", allocation="global", gqa="group")
-    for i, (layer, shape) in enumerate(zip(plan.layers, plan.original_shapes)):
-        if i:
-            drop = i % shape.num_kv_heads
-            layer.kv_heads = [g for g in layer.kv_heads if g != drop]
-            layer.q_heads = [h for h in layer.q_heads if h // shape.group_size != drop]
-            layer.neurons = layer.neurons[: shape.intermediate_size - 8 * i]
-    return plan
 
 
 def _kv_heads(model) -> list[int]:

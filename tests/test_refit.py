@@ -13,7 +13,6 @@ from amp_edge.cli import app
 from amp_edge.errors import InvalidOptionError
 from amp_edge.pruning.refit import RefitSpec, load_refitted, refit_weights
 
-from .test_cli import calib_file, tiny_dir  # noqa: F401 (fixtures)
 from .tiny import FAMILIES, sample_ids, tiny_model
 
 

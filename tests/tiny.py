@@ -88,3 +88,19 @@ def set_chat_template(folder: Path, inline: bool = False) -> Path:
     else:
         jinja.write_text(CHAT_TEMPLATE)
     return folder
+
+
+def staggered_plan(model):
+    """Layer 0 keeps every KV group, layer i > 0 drops group i mod kv (with its query heads) and 8 i neurons."""
+    from amp_edge.models.adapters import get_adapter
+    from amp_edge.pruning.plan import PruningPlan
+
+    adapter = get_adapter(model)
+    plan = PruningPlan.keep_all(adapter, criterion="manual", allocation="global", gqa="group")
+    for i, (layer, shape) in enumerate(zip(plan.layers, plan.original_shapes)):
+        if i:
+            drop = i % shape.num_kv_heads
+            layer.kv_heads = [g for g in layer.kv_heads if g != drop]
+            layer.q_heads = [h for h in layer.q_heads if h // shape.group_size != drop]
+            layer.neurons = layer.neurons[: shape.intermediate_size - 8 * i]
+    return plan
