@@ -75,7 +75,7 @@ def test_onnx_requests_match_lm_evals_hf_model(models):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from amp_edge import CalibrationSpec, load_model
+    from amp_edge import load_model
     from amp_edge.evaluation.onnx_lm import OnnxLM
 
     ckpt, pkg = models

@@ -6,7 +6,6 @@ Sources: ``self`` (the model writes its own samples; works offline with no data 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -16,12 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from amp_edge.models.adapters import get_adapter
+from amp_edge.data.text import TextSource, read_documents, record_text
 from amp_edge.errors import CalibrationError, InvalidOptionError
 from amp_edge.memory import heap_for_growing_cache
 
+CALIBRATION = TextSource("calibration", CalibrationError)
+
 log = logging.getLogger(__name__)
 SELF = "self"
-TEXT_FIELDS = ("text", "content", "document")
 _GENERATE_ROWS_MAX = 128
 _GENERATE_CACHE_BYTES = 2 << 30  # the KV cache one generate() call may fill
 
@@ -59,52 +60,13 @@ def read_texts(spec: CalibrationSpec) -> list[str]:
     if path.is_dir():  # a data set folder: `datasets` reads local folders like hub repos
         texts = _hub_texts(spec)
     elif path.exists() or path.suffix in (".txt", ".jsonl", ".json") or spec.source.startswith((".", "/", "~")):
-        texts = read_text_file(path, spec.field)
+        texts = read_documents(path, CALIBRATION, spec.field)
     else:
         texts = _hub_texts(spec)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise CalibrationError(f"calibration source {spec.source!r} holds no text")
     return texts
-
-
-def read_text_file(path: Path, field: str | None = None) -> list[str]:
-    """Documents from .txt (blank-line separated), .jsonl (one object a line) or .json (a list)."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e}") from None
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        elif path.suffix == ".json":
-            rows = json.loads(raw) if raw.strip() else []
-            if not isinstance(rows, list):
-                raise CalibrationError(f"calibration file {path} must hold a JSON list of records")
-        else:
-            return [p for p in raw.split("\n\n")]
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"calibration file {path} is not valid JSON: {e}") from None
-    return [_record_text(r, field, path) for r in rows]
-
-
-def _record_text(row, field: str | None, where) -> str:
-    if isinstance(row, str):
-        return row
-    if not isinstance(row, dict):
-        raise CalibrationError(f"calibration records in {where} must be objects or strings, got {type(row).__name__}")
-    if field:
-        if field not in row:
-            raise CalibrationError(f"calibration record in {where} has no field {field!r} (fields: {', '.join(row)})")
-        return str(row[field])
-    if "instruction" in row:  # Alpaca style: the prompt and the answer, as the reference calibrates on
-        return "\n\n".join(str(row[k]) for k in ("instruction", "input", "output") if row.get(k))
-    for name in TEXT_FIELDS:
-        if name in row:
-            return str(row[name])
-    raise CalibrationError(f"calibration record in {where} has none of the fields {TEXT_FIELDS + ('instruction',)}; use --calib-field")
 
 
 def _hub_texts(spec: CalibrationSpec) -> list[str]:
@@ -116,7 +78,7 @@ def _hub_texts(spec: CalibrationSpec) -> list[str]:
         raise CalibrationError(f"cannot load calibration data set {spec.source!r} (split {spec.split!r}): {str(e).splitlines()[0]}") from None
     rng = random.Random(spec.seed)
     picks = rng.sample(range(len(ds)), min(len(ds), spec.num_samples * 4))
-    return [_record_text(ds[i], spec.field, spec.source) for i in picks]
+    return [record_text(ds[i], CALIBRATION, spec.source, spec.field) for i in picks]
 
 
 def _tokenize(texts: list[str], tokenizer, seed: int) -> list[int]:

@@ -7,13 +7,13 @@ with the Alpaca prompt template), or a Hugging Face data set name (read as calib
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
-from amp_edge.data.calibration import SELF, TEXT_FIELDS, CalibrationSpec, read_texts, self_generated
+from amp_edge.data.calibration import SELF, CalibrationSpec, read_texts, self_generated
+from amp_edge.data.text import TextSource, read_documents
 from amp_edge.errors import CalibrationError, RecoveryError
 
 # The Alpaca template (as the LLM-Pruner / AMP LoRA recipe formats its recovery data).
@@ -64,44 +64,18 @@ def recovery_texts(source: str, field: str | None = None, max_docs: int | None =
     return texts
 
 
+def _alpaca(row: dict) -> str:
+    """An Alpaca record as the instruction-following template the reference trains on."""
+    template = _ALPACA_INPUT if row.get("input") else _ALPACA
+    return template.format(instruction=row["instruction"], input=row.get("input", ""), output=row.get("output", ""))
+
+
+RECOVERY = TextSource("recovery data", RecoveryError, field_option="--recover-field", alpaca=_alpaca)
+
+
 def read_recovery_file(path: Path, field: str | None = None) -> list[str]:
     """Documents from .txt (blank-line separated), .jsonl (one record a line) or .json (a list of records)."""
-    if not path.is_file():
-        raise RecoveryError(f"recovery data file not found: {path}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecoveryError(f"cannot read recovery data file {path}: {e}") from None
-    if path.suffix not in (".json", ".jsonl"):
-        return raw.split("\n\n")
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            rows = json.loads(raw) if raw.strip() else []
-    except json.JSONDecodeError as e:
-        raise RecoveryError(f"recovery data file {path} is not valid JSON: {e}") from None
-    if not isinstance(rows, list):
-        raise RecoveryError(f"recovery data file {path} must hold a JSON list of records")
-    return [_record_text(r, field, path) for r in rows]
-
-
-def _record_text(row, field: str | None, where: Path) -> str:
-    if isinstance(row, str):
-        return row
-    if not isinstance(row, dict):
-        raise RecoveryError(f"recovery records in {where} must be objects or strings, got {type(row).__name__}")
-    if field:
-        if field not in row:
-            raise RecoveryError(f"recovery record in {where} has no field {field!r} (fields: {', '.join(row)})")
-        return str(row[field])
-    if "instruction" in row:
-        template = _ALPACA_INPUT if row.get("input") else _ALPACA
-        return template.format(instruction=row["instruction"], input=row.get("input", ""), output=row.get("output", ""))
-    for name in TEXT_FIELDS:
-        if name in row:
-            return str(row[name])
-    raise RecoveryError(f"recovery record in {where} has none of the fields {TEXT_FIELDS + ('instruction',)}; use --recover-field")
+    return read_documents(path, RECOVERY, field)
 
 
 def pack(texts: list[str], tokenizer, seq_len: int, seed: int, source: str = "") -> torch.Tensor:

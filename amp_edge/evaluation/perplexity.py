@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from amp_edge.data.text import TextSource, read_text
 from amp_edge.errors import DataError, InvalidOptionError
+
+EVAL_TEXT = TextSource("text", DataError)
 
 
 @dataclass
@@ -25,15 +28,9 @@ class PerplexityResult:
 
 
 def read_eval_text(path: str | Path) -> str:
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"text file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read text file {path}: {e}") from None
+    text = read_text(path, EVAL_TEXT)
     if not text.strip():
-        raise DataError(f"text file {path} is empty")
+        raise DataError(f"text file {Path(path).expanduser()} is empty")
     return text
 
 
