@@ -46,12 +46,7 @@ def eval_cmd(
     if out is not None:
         check_output(out, overwrite)
     report = evaluate(model, spec, dtype=value(dtype))
-    if out is not None:
-        write(report, out, overwrite=True)
-    if as_json:
-        print(json.dumps(report, indent=1))
-    else:
-        print_text(markdown(report) + (f"written to {out}\n" if out else ""))
+    _emit(report, out, as_json, write, markdown)
 
 
 @app.command("eval-compare")
@@ -77,9 +72,14 @@ def eval_compare_cmd(
         check_output(out, overwrite)
     result = compare([(label, load_report(p)) for label, p in zip(labels, reports)], ref=ref)
     result["command"] = shlex.join(["amp-edge", *sys.argv[1:]])
+    _emit(result, out, as_json, write, markdown)
+
+
+def _emit(report: dict, out: Path | None, as_json: bool, write, markdown) -> None:
+    """Write the report's folder (already checked to be writable), then print it as JSON or Markdown."""
     if out is not None:
-        write(result, out, overwrite=True)
+        write(report, out, overwrite=True)
     if as_json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(report, indent=1))
     else:
-        print_text(markdown(result) + (f"written to {out}\n" if out else ""))
+        print_text(markdown(report) + (f"written to {out}\n" if out else ""))
