@@ -20,6 +20,7 @@ import torch.onnx.operators
 from torch import nn
 
 from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
+from amp_edge.models.compat import partial_rotary_factor, rope_type
 from amp_edge.errors import InvalidOptionError
 from amp_edge.memory import trim_heap
 
@@ -32,16 +33,11 @@ def check_mode(mode: str) -> None:
         raise InvalidOptionError(f"unknown attention {mode!r}; choose from {', '.join(ATTENTION_MODES)}")
 
 
-def _rope_type(config) -> str | None:
-    scaling = getattr(config, "rope_scaling", None) or {}
-    return scaling.get("rope_type", scaling.get("type"))
-
-
 def ineligible(model: nn.Module) -> dict[int, str]:
     """Layers that cannot use GroupQueryAttention, with the reason (empty: every layer can)."""
     adapter = get_adapter(model)
     config = model.config
-    family, rope = config.model_type, _rope_type(config)
+    family, rope = config.model_type, rope_type(config)
     if not adapter.gqa_export:
         covered = ", ".join(t for t in supported_model_types() if adapter_class(t).gqa_export)
         reason = f"model_type {family!r} (GQA export covers {covered})"
@@ -50,7 +46,7 @@ def ineligible(model: nn.Module) -> dict[int, str]:
         return {i: f"rope scaling {rope!r} changes with the sequence length" for i in range(adapter.num_layers)}
     if adapter.head_dim % 16:  # ONNX Runtime's kernels take head sizes in multiples of 16
         return {i: f"head_dim {adapter.head_dim} is not a multiple of 16" for i in range(adapter.num_layers)}
-    rotary = int(adapter.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    rotary = int(adapter.head_dim * partial_rotary_factor(config))
     if rotary % 16:  # GQA's rotary takes cos/sin tables of a multiple of 8 columns
         return {i: f"rotary dimension {rotary} is not a multiple of 16" for i in range(adapter.num_layers)}
     out = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amp_edge.io import atomic_dir, check_output
+from amp_edge.models.compat import make_portable, pruned_heads_allowed
 from amp_edge.models.sources import is_pruned_checkpoint
 from amp_edge.errors import ExportError, ExportValidationError, InvalidOptionError
 from amp_edge.memory import release_memory
@@ -158,11 +159,13 @@ def _validate(refs, folder: Path, opts: ExportOptions):
 
 def _write_side_files(loaded: LoadedModel, folder: Path) -> None:
     model = loaded.model
-    model.config.save_pretrained(folder)
+    with pruned_heads_allowed():  # a head-pruned Llama's config on transformers 5
+        model.config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
+    make_portable(folder)  # a package written under transformers 5 reads the same in 4.57 (optimum's environment)
 
 
 def _write_genai_config(loaded: LoadedModel, folder: Path, graph_inputs: set[str], all_gqa: bool) -> None:

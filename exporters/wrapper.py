@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from amp_edge.models.adapters import get_adapter
+from amp_edge.models.compat import cache_from_tensors, cache_tensors
 
 
 @dataclass(frozen=True)
@@ -88,18 +88,17 @@ class DecoderStep(torch.nn.Module):
             self.register_buffer("gqa_sin_cache", gqa.sin)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = DynamicCache()
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        cache = cache_from_tensors(past)
         if self.gqa is not None:
             self.gqa.begin(attention_mask, past)
         mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
+        traced = cache_tensors(out.past_key_values)
         present = []
-        for i, layer in enumerate(out.past_key_values.layers):
+        for i in range(self.num_layers):
             swapped = self.gqa.presents.get(i) if self.gqa is not None else None
-            present += list(swapped) if swapped is not None else [layer.keys, layer.values]
+            present += list(swapped) if swapped is not None else traced[2 * i:2 * i + 2]
         return (out.logits, *present)
 
 

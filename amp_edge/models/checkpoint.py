@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from amp_edge.models.adapters import get_adapter
+from amp_edge.models.compat import make_portable, no_init_weights, pruned_heads_allowed
 from amp_edge.errors import ModelLoadError, ModelNotFoundError
 from amp_edge.io import atomic_dir
 from amp_edge.pruning.plan import PLAN_FILE, LayerPlan, PruningPlan
@@ -20,10 +21,11 @@ from amp_edge.pruning.surgery import PER_LAYER_KEY, apply_plan
 def save_pruned(model, tokenizer, plan: PruningPlan, out: str | Path, overwrite: bool = False,
                 extra: dict[str, dict] | None = None) -> Path:
     """safetensors + config (every shape explicit) + tokenizer + plan (+ ``extra`` JSON files), written atomically."""
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, pruned_heads_allowed():
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_portable(tmp)  # written by transformers 5, read by 4.57 too
         plan.save(tmp / PLAN_FILE)
         for name, data in (extra or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=1))
@@ -40,18 +42,18 @@ def is_per_layer(path: str | Path) -> bool:
 def load_pruned(path: str | Path, dtype: str = "auto") -> torch.nn.Module:
     """Load a pruned checkpoint, including one whose layers have different head counts or MLP widths."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a pruned checkpoint (no config.json)")
-    config = AutoConfig.from_pretrained(path)
+    with pruned_heads_allowed():
+        config = AutoConfig.from_pretrained(path)
     td = torch_dtype(dtype)
     if td == "auto":
         td = getattr(config, "dtype", None) or torch.float32
         td = torch_dtype(td) if isinstance(td, str) else td
     sizes = getattr(config, PER_LAYER_KEY, None)
-    with no_init_weights():
+    with no_init_weights(), pruned_heads_allowed():
         model = AutoModelForCausalLM.from_config(config, dtype=td)
     if sizes:
         # Shape the modules by pruning the freshly built model to the saved sizes; the weights come next.

@@ -14,6 +14,7 @@ import torch
 from amp_edge.models import gguf_cache
 from amp_edge.errors import ModelLoadError, ModelNotFoundError
 from amp_edge.models.checkpoint import PLAN_FILE, check_safetensors, is_per_layer, load_pruned
+from amp_edge.models.compat import detach_gguf_quantizer, gguf_load_kwargs, pruned_heads_allowed
 from amp_edge.models.dtypes import torch_dtype
 from amp_edge.hardware import half_is_fast
 
@@ -101,7 +102,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
             return LoadedModel(model.eval(), tokenizer, where)
     kwargs = {"dtype": td, "trust_remote_code": trust_remote_code}
     if where["kind"] == "gguf":
-        kwargs["gguf_file"] = where["gguf_file"]
+        kwargs |= {"gguf_file": where["gguf_file"], **gguf_load_kwargs()}
         tok_kwargs = {"gguf_file": where["gguf_file"]}
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights
@@ -110,6 +111,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     model = _guard(lambda: AutoModelForCausalLM.from_pretrained(where["path"], **kwargs), source)
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"], **tok_kwargs), source)
     if where["kind"] == "gguf":
+        detach_gguf_quantizer(model)
         if td != "auto":
             model = model.to(td)
         gguf_cache.store(Path(where["path"]) / where["gguf_file"], dtype, model, tokenizer)
@@ -125,10 +127,22 @@ def _require_safetensors(folder: Path) -> None:
         check_safetensors(f)
 
 
-def _guard(fn, source: str):
-    """Run a transformers loader, turning its many failure types into one ModelLoadError line."""
+def _config_errors() -> tuple[type[Exception], ...]:
+    """transformers 5's strict configs raise huggingface_hub's StrictDataclassError (not a ValueError) for a bad field."""
     try:
-        return fn()
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as e:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # huggingface-hub < 0.32 (transformers 4.57 does not raise it)
+        return ()
+    return (StrictDataclassError,)
+
+
+def _guard(fn, source: str):
+    """Run a transformers loader, turning its many failure types into one ModelLoadError line.
+
+    Head-pruned Llama configs load on transformers 5 too (amp_edge.models.compat.pruned_heads_allowed)."""
+    try:
+        with pruned_heads_allowed():
+            return fn()
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError, *_config_errors()) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model {source!r}: {first}") from None

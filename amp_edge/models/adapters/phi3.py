@@ -2,6 +2,7 @@
 
 import torch
 
+from amp_edge.models.compat import rope_scaling
 from amp_edge.models.adapters.base import Adapter, _row_cost, head_rows, keep_cols, keep_rows, register
 
 
@@ -14,7 +15,7 @@ class Phi3Adapter(Adapter):
 
     def standard_config_fits(self, num_heads):
         # Phi3Config checks rope_scaling factors against hidden_size // num_attention_heads, not head_dim.
-        return self.config.rope_scaling is None or self.hidden_size // num_heads == self.head_dim
+        return rope_scaling(self.config) is None or self.hidden_size // num_heads == self.head_dim
 
     def query_weight(self, i):
         return self.attention(i).qkv_proj.weight[: self.o_proj(i).in_features]
