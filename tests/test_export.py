@@ -116,21 +116,27 @@ def test_keep_8bit_and_bound_failure(tmp_path):
         export(str(dense), tmp_path / "bad", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("gate",))))
 
 
-def test_interop_optimum_and_genai_match_pytorch(tmp_path):
-    from exporters.optimum_model import PrunedORTModelForCausalLM
+@pytest.fixture(scope="module")
+def interop_packages(tmp_path_factory):
+    """(family, allocation, package, PyTorch's greedy tokens, OnnxDecoder's) for the runtimes below.
 
-    og = pytest.importorskip("onnxruntime_genai")
-    # llama (head_dim 8): the plain attention graph; phi3 and llama-gqa (head_dim 16): GroupQueryAttention graphs
+    llama (head_dim 8): the plain attention graph; phi3 and llama-gqa (head_dim 16): GroupQueryAttention graphs."""
+    out = []
     for family, allocation in (("llama", "uniform"), ("phi3", "uniform"), ("llama", "global"), ("llama-gqa", "global")):
-        root = tmp_path / f"{family}-{allocation}"
+        root = tmp_path_factory.mktemp(f"{family}-{allocation}")
         src = pruned(root, family, allocation)
         export(str(src), root / "pkg", ExportOptions())
         ids = torch.tensor(PROMPT)
         want = load_model(str(src)).model.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
         ours = OnnxDecoder(root / "pkg").generate(ids.numpy(), 12, eos_token_ids=[EOS])[0].tolist()  # all stop at EOS
-        opt = PrunedORTModelForCausalLM.from_pretrained(root / "pkg", use_cache=True, use_io_binding=False)
-        got_optimum = opt.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
-        model = og.Model(str(root / "pkg"))
+        out.append((family, allocation, root / "pkg", want, ours))
+    return out
+
+
+def test_interop_genai_matches_pytorch(interop_packages):
+    og = pytest.importorskip("onnxruntime_genai")
+    for family, allocation, pkg, want, ours in interop_packages:
+        model = og.Model(str(pkg))
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(PROMPT[0]) + 12, do_sample=False)
         gen = og.Generator(model, params)
@@ -140,7 +146,17 @@ def test_interop_optimum_and_genai_match_pytorch(tmp_path):
         got_genai = gen.get_sequence(0).tolist()
         if want[-1] == EOS and len(got_genai) == len(want) - 1:  # genai leaves out the EOS that ended generation
             got_genai.append(EOS)
-        assert ours == want and got_optimum == want and got_genai == want, (family, allocation)
+        assert ours == want and got_genai == want, (family, allocation)
+
+
+def test_interop_optimum_matches_pytorch(interop_packages):
+    pytest.importorskip("optimum.onnxruntime", reason="the [optimum] extra (transformers 4.57): make test-optimum")
+    from exporters.optimum_model import PrunedORTModelForCausalLM
+
+    for family, allocation, pkg, want, ours in interop_packages:
+        opt = PrunedORTModelForCausalLM.from_pretrained(pkg, use_cache=True, use_io_binding=False)
+        got_optimum = opt.generate(torch.tensor(PROMPT), max_new_tokens=12, do_sample=False)[0].tolist()
+        assert ours == want and got_optimum == want, (family, allocation)
 
 
 def test_bad_input(tmp_path, monkeypatch):

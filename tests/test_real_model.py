@@ -59,12 +59,20 @@ def smollm2_pkg30(tmp_path_factory):
     return pkg, export("smollm2-135m", pkg, opts)
 
 
-def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
-    import numpy as np
-    import torch
+def _smollm2_prompt_and_ours(smollm2_pkg30):
+    """The prompt's ids and OnnxDecoder's 16 greedy tokens on the 30% package."""
+    from transformers import AutoTokenizer
 
-    from exporters.optimum_model import PrunedORTModelForCausalLM
     from amp_edge_runtime.decoder import OnnxDecoder
+
+    pkg, _ = smollm2_pkg30
+    tokenizer = AutoTokenizer.from_pretrained(pkg)
+    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
+    return ids, OnnxDecoder(pkg).generate(ids, 16)[0].tolist()
+
+
+def test_smollm2_pruned_package_runs_in_genai(smollm2_pkg30):
+    import numpy as np
 
     og = pytest.importorskip("onnxruntime_genai")
     pkg, result = smollm2_pkg30
@@ -72,13 +80,7 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
     losses = {int(k): v for k, v in split["calibration_loss"].items()}
     assert split["rule"] == "auto" and set(losses) == {0, 1, 2} and split["head_units"] == min(losses, key=losses.get)
     assert result.manifest["parity"]["ok"] and result.manifest["parity"]["max_abs_diff"] <= result.manifest["parity"]["bound"]["max_abs_diff"] <= 2e-3
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(pkg)
-    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
-    ours = OnnxDecoder(pkg).generate(ids, 16)[0].tolist()
-    opt = PrunedORTModelForCausalLM.from_pretrained(pkg, use_cache=True, use_io_binding=False)
-    got_optimum = opt.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, min_new_tokens=16)[0].tolist()
+    ids, ours = _smollm2_prompt_and_ours(smollm2_pkg30)
     model = og.Model(str(pkg))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=ids.shape[1] + 16, min_length=ids.shape[1] + 16, do_sample=False)
@@ -86,7 +88,20 @@ def test_smollm2_pruned_package_runs_in_all_three_runtimes(smollm2_pkg30):
     gen.append_tokens(ids.astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
-    assert got_optimum == ours and gen.get_sequence(0).tolist() == ours
+    assert gen.get_sequence(0).tolist() == ours
+
+
+def test_smollm2_pruned_package_runs_in_optimum(smollm2_pkg30):
+    import torch
+
+    pytest.importorskip("optimum.onnxruntime", reason="the [optimum] extra (transformers 4.57): make test-optimum")
+    from exporters.optimum_model import PrunedORTModelForCausalLM
+
+    pkg, _ = smollm2_pkg30
+    ids, ours = _smollm2_prompt_and_ours(smollm2_pkg30)
+    opt = PrunedORTModelForCausalLM.from_pretrained(pkg, use_cache=True, use_io_binding=False)
+    got_optimum = opt.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, min_new_tokens=16)[0].tolist()
+    assert got_optimum == ours
 
 
 def test_phi_chat_example_on_smollm2_gives_pytorch_tokens(smollm2_pkg30):
