@@ -16,7 +16,8 @@ import torch
 
 from amp_edge.memory import release_memory
 
-from exporters.attention import gqa_attention, gqa_layers
+from amp_edge.models.compat import rope_type
+from exporters.attention import STATIC_ROPE, gqa_attention, gqa_layers
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
     the weight transposes are folded one tensor at a time.
     """
     layout = kv_layout(model)
-    with gqa_attention(model, gqa_layers(model, spec.attention), spec.pack_mlp is not False) as gqa:
+    with gqa_attention(model, gqa_layers(model, spec.attention), spec.pack_mlp is not False) as gqa, \
+            rotary_as_matmul(model):
         stored = _trace(model, DecoderStep(model, gqa).eval(), layout, folder, spec, release_weights,
                        gqa.replaced if gqa is not None else [])
     traced = folder / "traced.onnx"
@@ -63,6 +65,34 @@ def export_graph(model: torch.nn.Module, folder: Path, spec: GraphSpec, release_
         trim_rotary_caches(graph, getattr(model.config, "max_position_embeddings", None))
     release_memory()
     return graph
+
+
+@contextlib.contextmanager
+def rotary_as_matmul(model: torch.nn.Module):
+    """While tracing, the rotary module computes its angles as inv_freq @ positions (a MatMul, then Transpose).
+
+    ORT's RotaryEmbedding fusion matches that subgraph, the one transformers 4.57 traces; transformers 5 computes
+    the same products as a broadcast Mul, which the fusion does not match (no RotaryEmbedding node, a slower graph).
+    Each angle is one product either way, so the values are identical. Rope types whose tables change with the
+    sequence length (dynamic, longrope) keep their own forward.
+    """
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if (rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor)
+            or not hasattr(rotary, "attention_scaling") or rope_type(model.config) not in STATIC_ROPE):
+        yield
+        return
+
+    def forward(x, position_ids):
+        inv_freq = rotary.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * rotary.attention_scaling).to(x.dtype), (emb.sin() * rotary.attention_scaling).to(x.dtype)
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        del rotary.forward  # the class's forward again
 
 
 SCRATCH_FILES = ("weights.bin", "weights_t.bin")
