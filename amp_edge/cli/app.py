@@ -86,6 +86,7 @@ def main(
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # transformers 5 shows a "Loading weights" bar on every load
 
 
 def print_text(text: str) -> None:
