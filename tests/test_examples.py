@@ -68,7 +68,8 @@ def chat(*args, env=None, **kw) -> subprocess.CompletedProcess:
 def reference_prompt(package: Path, text: str) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(package)
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)  # transformers 5 returns a BatchEncoding by default
     return tokenizer(f"User: {text}\nAssistant:")["input_ids"]
 
 
