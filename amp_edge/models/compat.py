@@ -11,6 +11,11 @@ Everything version-dependent lives here, so the rest of the code reads one API:
   ``num_attention_heads`` even with ``head_dim`` set (4.57 accepted it; Qwen2/Qwen3/Mistral configs still do), so a
   uniform head-pruned Llama (say 24 of Llama-3.2-1B's 32 heads, 2048 % 24 != 0) could be neither saved nor loaded.
   ``pruned_heads_allowed()`` relaxes exactly that rule, while amp-edge loads or saves: see its docstring.
+- GGUF: 5.x loads through a GGUF quantizer that may keep weights packed and stays attached to the dequantized model
+  (save_pretrained then refuses it): ``gguf_load_kwargs``, ``detach_gguf_quantizer``.
+- saved folders: 5.x writes configs and tokenizers that 4.57 misreads or refuses: ``make_portable``.
+Elsewhere: exporters/graph.py traces the rotary angles as 4.57 did (ORT's fusion matches that subgraph), and
+sources._guard also catches 5.x's StrictDataclassError.
 """
 
 from __future__ import annotations
@@ -19,11 +24,9 @@ import contextlib
 import threading
 from importlib import metadata
 
-from packaging.version import Version
-
 # read from the installed metadata: importing this module does not import transformers (adapters import it)
-TRANSFORMERS_VERSION = Version(metadata.version("transformers"))
-TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
+TRANSFORMERS_VERSION = metadata.version("transformers")
+TRANSFORMERS_5 = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
 
 
 def no_init_weights():
