@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from amp_edge.errors import OutputExistsError
+from amp_edge.memory import libc_handle
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -72,14 +70,7 @@ def recover_interrupted(out: Path) -> list[Path]:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name, use_errno=True) if name else None
-    except OSError:
-        return False
-    fn = getattr(libc, "renameat2", None)
+    fn = getattr(libc_handle(), "renameat2", None)
     if fn is None:
         return False
     at_fdcwd = -100

@@ -47,7 +47,7 @@ def heap_for_growing_cache():
 
 
 def _set_mmap_threshold(nbytes: int) -> bool:
-    libc = _libc()
+    libc = libc_handle()
     return libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
@@ -61,12 +61,13 @@ def release_memory() -> None:
 
 def trim_heap() -> None:
     """Hand free heap pages back to the OS (no garbage collection: cheap enough to call in a loop)."""
-    libc = _libc()
+    libc = libc_handle()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
-def _libc():
+def libc_handle():
+    """The C library on Linux (glibc's mallopt/malloc_trim, renameat2), else None."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")
