@@ -52,17 +52,9 @@ def load_pruned(path: str | Path, dtype: str = "auto") -> torch.nn.Module:
     if td == "auto":
         td = getattr(config, "dtype", None) or torch.float32
         td = torch_dtype(td) if isinstance(td, str) else td
-    sizes = getattr(config, PER_LAYER_KEY, None)
     with no_init_weights(), pruned_heads_allowed():
         model = AutoModelForCausalLM.from_config(config, dtype=td)
-    if sizes:
-        # Shape the modules by pruning the freshly built model to the saved sizes; the weights come next.
-        group = config.num_attention_heads // config.num_key_value_heads
-        layers = [
-            LayerPlan([g * group + j for g in range(kv) for j in range(h // kv)], list(range(kv)), list(range(n)))
-            for h, kv, n in zip(sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"])
-        ]
-        apply_plan(model, PruningPlan(config.model_type, layers, original_shapes=[]))
+    shape_to_config(model, config)
     state = _read_safetensors(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
@@ -71,6 +63,22 @@ def load_pruned(path: str | Path, dtype: str = "auto") -> torch.nn.Module:
     model.tie_weights()
     get_adapter(model)  # fails clearly for an unsupported architecture
     return model.to(td).eval()
+
+
+def shape_to_config(model, config) -> None:
+    """Give a freshly built model the per-layer sizes its config records (a no-op for uniform configs).
+
+    The modules are shaped by pruning them to those sizes; their weights come next (from a state dict, or layer by
+    layer on a meta-device skeleton)."""
+    sizes = getattr(config, PER_LAYER_KEY, None)
+    if not sizes:
+        return
+    group = config.num_attention_heads // config.num_key_value_heads
+    layers = [
+        LayerPlan([g * group + j for g in range(kv) for j in range(h // kv)], list(range(kv)), list(range(n)))
+        for h, kv, n in zip(sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"])
+    ]
+    apply_plan(model, PruningPlan(config.model_type, layers, original_shapes=[]))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
