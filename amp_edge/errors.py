@@ -46,6 +46,10 @@ class DataError(AmpEdgeError):
     """An evaluation data file that is missing or empty."""
 
 
+class DiskSpaceError(AmpEdgeError):
+    """Not enough free disk for an output; raised before anything is written."""
+
+
 class ExportError(AmpEdgeError):
     """The graph could not be built or written (tracing failure, full disk)."""
 

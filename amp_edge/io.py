@@ -8,7 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from amp_edge.errors import OutputExistsError
+from amp_edge.errors import DiskSpaceError, OutputExistsError
 from amp_edge.memory import libc_handle
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -23,6 +23,16 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder")
     return out
+
+
+def require_free_space(out: str | Path, needed: int, what: str = "the output") -> None:
+    """Refuse, before writing, an output that the disk holding ``out`` cannot take (``needed`` bytes, plus 5% slack:
+    scratch files and filesystem overhead)."""
+    out = Path(out).expanduser()
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
+    if free < needed * 1.05:
+        raise DiskSpaceError(f"{what} needs about {needed / 1e9:.2f} GB on {where}, which has {free / 1e9:.2f} GB free")
 
 
 @contextmanager
