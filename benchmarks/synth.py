@@ -113,11 +113,12 @@ def smollm2_tokenizer():
 
 
 def write(shape: str, out: Path, layers: int | None = None, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
-          overwrite: bool = False, progress=print) -> dict:
+          overwrite: bool = False, progress=print, tokenizer=None) -> dict:
+    """Write the checkpoint; ``tokenizer`` defaults to SmolLM2's (tests pass a small one)."""
     from safetensors.torch import save_file
 
     check_output(out, overwrite)
-    tokenizer = smollm2_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else smollm2_tokenizer()
     vocab = max(SHAPES.get(shape, {}).get("vocab_size", 0), len(tokenizer))
     config = build_config(shape, layers, vocab)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
