@@ -75,3 +75,15 @@ def libc_handle():
         return ctypes.CDLL(name) if name else None
     except OSError:
         return None
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get without swapping (Linux MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -10,6 +10,8 @@ plain file reads (``safe_open``), not kept mapped, so the page cache holds the c
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from amp_edge.errors import ModelLoadError, ModelNotFoundError
+from amp_edge.memory import available_bytes
 from amp_edge.models.checkpoint import check_safetensors, shape_to_config
 from amp_edge.models.compat import pruned_heads_allowed
 
@@ -75,27 +78,56 @@ class Checkpoint:
         """One tensor, read into memory of its own (cast to ``dtype`` if given)."""
         if name not in self.files:
             raise ModelLoadError(f"checkpoint {self.path} has no tensor {name!r}")
-        file = self.files[name]
+        t = self._handle(self.files[name]).get_tensor(name)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def _handle(self, file: str):
         handle = self._handles.get(file)
         if handle is None:
             try:
                 handle = self._handles[file] = safe_open(self.path / file, framework="pt")
             except (SafetensorError, OSError) as e:
                 raise ModelLoadError(f"{self.path / file} is not a readable safetensors file ({e})") from None
-        t = handle.get_tensor(name)
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        return handle
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the weights are stored in (what a pruned copy is written in)."""
         counts: dict[torch.dtype, int] = {}
         for name in self.files:
             if name.endswith(".weight"):
-                handle = self._handles.get(self.files[name]) or safe_open(self.path / self.files[name], framework="pt")
-                self._handles[self.files[name]] = handle
-                sl = handle.get_slice(name)
+                sl = self._handle(self.files[name]).get_slice(name)
                 dt = _DTYPES.get(sl.get_dtype(), torch.float32)
                 counts[dt] = counts.get(dt, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
+
+    def module_bytes(self, prefix: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the tensors under ``prefix`` (e.g. "model.layers.3."), stored or as ``dtype``; headers only."""
+        total = 0
+        for name, file in self.files.items():
+            if name.startswith(prefix):
+                sl = self._handle(file).get_slice(name)
+                width = dtype.itemsize if dtype is not None else _DTYPES.get(sl.get_dtype(), torch.float32).itemsize
+                total += width * math.prod(sl.get_shape())
+        return total
+
+    def largest_module(self, dtype: torch.dtype | None = None) -> tuple[str, int]:
+        """The biggest unit the streamed passes hold at once: a decoder layer, the embedding or the LM head."""
+        prefixes = {name.rsplit(".", 1)[0] + "." if not _LAYER.match(name) else _LAYER.match(name).group(0)
+                    for name in self.files}
+        sizes = {p: self.module_bytes(p, dtype) for p in prefixes}
+        name = max(sizes, key=sizes.get)
+        return name.rstrip("."), sizes[name]
+
+    def require_module_fits(self, dtype: torch.dtype | None = None, copies: float = 3.0) -> None:
+        """Refuse, before any work, a model whose largest module (``copies`` of it: the weights, their cast and the
+        work around them) does not fit in the memory available now."""
+        free = available_bytes()
+        if free is None:
+            return
+        name, size = self.largest_module(dtype)
+        if size * copies > free:
+            raise ModelLoadError(f"{name} of {self.path} takes {size / 1e9:.2f} GB and needs about {size * copies / 1e9:.1f} GB "
+                                 f"to process; {free / 1e9:.1f} GB of memory is available")
 
     def nbytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.files.values()))
@@ -107,6 +139,7 @@ class Checkpoint:
                 shutil.copy2(p, out / p.name)
 
 
+_LAYER = re.compile(r"^.*?layers\.\d+\.")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
