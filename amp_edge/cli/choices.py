@@ -29,3 +29,6 @@ Provider = Choice("Provider", {v: v for v in ("cpu", "cuda")})
 def value(choice):
     """The plain string the library takes (None stays None)."""
     return None if choice is None else str(choice)
+
+DEVICE_MAP_HELP = ("Place the layers through accelerate: auto | balanced | sequential (GPUs, then CPU, then disk), one "
+                   "device (cpu, cuda:1), or a JSON file of module -> device ('disk' offloads). Folders and hub ids only.")

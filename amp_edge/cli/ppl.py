@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from amp_edge.cli.app import app, flag, friendly, out
-from amp_edge.cli.choices import WeightDtype, value
+from amp_edge.cli.choices import DEVICE_MAP_HELP, WeightDtype, value
 from amp_edge.models.sources import DEFAULT_MODEL
 
 
@@ -22,6 +22,7 @@ def ppl(
     stride: Optional[int] = typer.Option(None, help="Tokens scored per window (default: window, disjoint windows)."),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the file."),
     dtype: WeightDtype = typer.Option("float32", help="Weights dtype."),
+    device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout."),
 ):
     """Perplexity of a model on a text file (sliding window)."""
@@ -29,7 +30,7 @@ def ppl(
     from amp_edge.models.sources import load_model
 
     text = read_eval_text(data)
-    loaded = load_model(model, dtype=value(dtype))
+    loaded = load_model(model, dtype=value(dtype), device_map=device_map)
     result = perplexity(loaded.model, loaded.tokenizer, text, window, stride, max_tokens)
     if as_json:
         print(json.dumps({"model": model, "data": str(data), **result.to_dict()}))

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from amp_edge.cli.app import app, flag, friendly, out
-from amp_edge.cli.choices import (Allocation, Criterion, Gqa, Normalization, Precision, RecoverMethod, Schedule, WeightDtype,
+from amp_edge.cli.choices import (DEVICE_MAP_HELP, Allocation, Criterion, Gqa, Normalization, Precision, RecoverMethod, Schedule, WeightDtype,
                                   value)
 from amp_edge.models.sources import DEFAULT_MODEL
 
@@ -30,6 +30,7 @@ def prune(
     overwrite: bool = flag("--overwrite", help="Replace an existing output folder.", panel=_OUT),
     trust_remote_code: bool = flag("--trust-remote-code", help="Allow model code from the hub.", panel=_OUT),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout.", panel=_OUT),
+    device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP, rich_help_panel=_OUT),
     ratio: float = typer.Option(0.3, help="Fraction of all parameters to remove, in (0, 1).", rich_help_panel=_PRUNE),
     criterion: Criterion = typer.Option("amp", help="Importance score (amp: the paper).", rich_help_panel=_PRUNE),
     allocation: Allocation = typer.Option("uniform", help="uniform: standard config | global: per-layer sizes.", rich_help_panel=_PRUNE),
@@ -90,7 +91,8 @@ def prune(
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
         self_samples=recover_self_samples)
     result = run_prune(model, out_dir, opts, plan_path=plan, overwrite=overwrite, dtype=value(dtype),
-                       trust_remote_code=trust_remote_code, recovery=recovery)
+                       trust_remote_code=trust_remote_code, recovery=recovery,
+                       device_map=device_map)
     if as_json:
         print(json.dumps(result.to_dict(), indent=1))
         return

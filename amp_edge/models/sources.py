@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from amp_edge.models import gguf_cache
-from amp_edge.errors import ModelLoadError, ModelNotFoundError
+from amp_edge.errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
 from amp_edge.models.checkpoint import PLAN_FILE, check_safetensors, is_per_layer, load_pruned
 from amp_edge.models.compat import detach_gguf_quantizer, gguf_load_kwargs, pruned_heads_allowed
 from amp_edge.models.dtypes import torch_dtype
+from amp_edge.models.placement import dispatch, placement_kwargs
 from amp_edge.hardware import half_is_fast
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,19 @@ def is_pruned_checkpoint(source: str) -> bool:
     return where["kind"] == "folder" and (Path(where["path"]) / PLAN_FILE).is_file()
 
 
-def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer from any source; pruned checkpoints with per-layer shapes included."""
+def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False,
+               device_map: str | dict | None = None) -> LoadedModel:
+    """Load model and tokenizer from any source; pruned checkpoints with per-layer shapes included.
+
+    ``device_map`` (a folder or hub id only) places the layers through accelerate: ``auto`` spreads them over the GPUs
+    there are, then the CPU, then ``offload/`` on disk beside nothing else (amp_edge.models.placement).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(source)
+    if device_map is not None and where["kind"] == "gguf":
+        raise InvalidOptionError(f"--device-map applies to a safetensors folder or hub id, not the GGUF {source!r}: "
+                                 "prune or save it to a folder first")
     td = torch_dtype(dtype)
     if isinstance(td, torch.dtype) and not half_is_fast(td):
         log.warning("--dtype %s has no native kernels on this CPU (no AVX512-BF16/FP16 or AMX): its matmuls run ~100x "
@@ -91,6 +100,8 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
         _require_safetensors(Path(where["path"]))
     if where["kind"] == "folder" and is_per_layer(where["path"]):
         model = load_pruned(where["path"], dtype=dtype)
+        if device_map is not None:
+            model = dispatch(model, device_map)
         tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(where["path"]), source)
         return LoadedModel(model, tokenizer, where)
     if where["kind"] == "gguf":
@@ -106,6 +117,8 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
         tok_kwargs = {"gguf_file": where["gguf_file"]}
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights
+        if device_map is not None:
+            kwargs |= placement_kwargs(device_map)
         tok_kwargs = {"trust_remote_code": trust_remote_code}
     log.info("loading %s (%s)", source, where["kind"])
     model = _guard(lambda: AutoModelForCausalLM.from_pretrained(where["path"], **kwargs), source)

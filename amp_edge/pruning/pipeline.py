@@ -111,7 +111,7 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
 
 def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
           overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
-          recovery: RecoverySpec | None = None) -> PruneResult:
+          recovery: RecoverySpec | None = None, device_map: str | dict | None = None) -> PruneResult:
     """Prune ``source`` with AMP (or a replayed plan), optionally recover, and save the compact model to ``out``.
 
     With recovery and no ``recovery.resume_dir``, the training state goes to ``.<out>.recover-state`` beside
@@ -124,7 +124,7 @@ def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: st
     if recovery is not None and recovery.resume_dir is None and out is not None:
         state_dir = Path(out).expanduser().parent / f".{Path(out).name}.recover-state"
         recovery = replace(recovery, resume_dir=str(state_dir), restart_on_mismatch=True)
-    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery)
+    loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery, device_map)
     if out is not None:
         after = result.after_pruning()
         extra = {RECOVERY_FILE: after} if after else None
@@ -137,7 +137,8 @@ def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: st
 
 
 def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | None = None, dtype: str = "float32",
-                    trust_remote_code: bool = False, recovery: RecoverySpec | None = None) -> tuple[LoadedModel, PruneResult]:
+                    trust_remote_code: bool = False, recovery: RecoverySpec | None = None,
+                    device_map: str | dict | None = None) -> tuple[LoadedModel, PruneResult]:
     """Load ``source`` and prune it in memory (then recover, if asked); returns the pruned model and what was done.
 
     Recovery data defaults to the calibration source; ``self`` samples are written by the dense model.
@@ -152,7 +153,7 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
     _precheck_architecture(source)
-    loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     adapter = get_adapter(loaded.model)
     before_shapes = adapter.shapes()
     if plan is None:
