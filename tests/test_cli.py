@@ -107,7 +107,7 @@ def test_cli_choices_are_the_library_s():
     from amp_edge.models.dtypes import DTYPES as WEIGHT_DTYPES
     from amp_edge.pruning.allocation import ALLOCATIONS, GQA_MODES, NORMALIZATIONS
     from amp_edge.pruning.scoring import criteria
-    from amp_edge.recovery.train import METHODS, PRECISIONS, SCHEDULES
+    from amp_edge.recovery.train import ADAPTERS, METHODS, PRECISIONS, SCHEDULES
     from exporters.attention import ATTENTION_MODES
     from exporters.graph import OPTIMIZE_LEVELS
     from exporters.quantize import DTYPES, EMBEDDINGS, INT8_SCHEMES
@@ -115,7 +115,7 @@ def test_cli_choices_are_the_library_s():
 
     pairs = [(choices.Criterion, criteria()), (choices.Allocation, ALLOCATIONS), (choices.Gqa, GQA_MODES),
              (choices.Normalization, NORMALIZATIONS), (choices.WeightDtype, [*WEIGHT_DTYPES, "auto"]),
-             (choices.RecoverMethod, METHODS), (choices.Schedule, SCHEDULES), (choices.Precision, PRECISIONS),
+             (choices.RecoverMethod, METHODS), (choices.RecoverAdapter, ADAPTERS), (choices.Schedule, SCHEDULES), (choices.Precision, PRECISIONS),
              (choices.ExportDtype, DTYPES), (choices.Optimize, OPTIMIZE_LEVELS), (choices.Attention, ATTENTION_MODES),
              (choices.Int8Scheme, INT8_SCHEMES), (choices.Embedding, EMBEDDINGS), (choices.Provider, PROVIDERS)]
     for enum, allowed in pairs:

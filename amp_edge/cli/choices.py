@@ -16,6 +16,7 @@ Gqa = Choice("Gqa", {v: v for v in ("query", "group")})
 Normalization = Choice("Normalization", {v: v for v in ("mean", "zscore")})
 WeightDtype = Choice("WeightDtype", {v: v for v in ("float32", "float16", "bfloat16", "auto")})
 RecoverMethod = Choice("RecoverMethod", {v: v for v in ("distill", "lora")})
+RecoverAdapter = Choice("RecoverAdapter", {v: v for v in ("auto", "full", "lora")})
 Schedule = Choice("Schedule", {v: v for v in ("cosine", "linear")})
 Precision = Choice("Precision", {v: v for v in ("fp32", "bf16")})
 ExportDtype = Choice("ExportDtype", {v: v for v in ("fp32", "fp16", "int8", "int4")})
@@ -29,6 +30,8 @@ Provider = Choice("Provider", {v: v for v in ("cpu", "cuda")})
 def value(choice):
     """The plain string the library takes (None stays None)."""
     return None if choice is None else str(choice)
+
+
 
 DEVICE_MAP_HELP = ("Place the layers through accelerate: auto | balanced | sequential (GPUs, then CPU, then disk), one "
                    "device (cpu, cuda:1), or a JSON file of module -> device ('disk' offloads). Folders and hub ids only.")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from amp_edge.cli.app import app, flag, friendly, out
-from amp_edge.cli.choices import (DEVICE_MAP_HELP, Allocation, Criterion, Gqa, Normalization, Precision, RecoverMethod, Schedule, WeightDtype,
+from amp_edge.cli.choices import (DEVICE_MAP_HELP, Allocation, Criterion, Gqa, Normalization, Precision, RecoverAdapter, RecoverMethod, Schedule, WeightDtype,
                                   value)
 from amp_edge.models.sources import DEFAULT_MODEL
 
@@ -66,6 +66,7 @@ def prune(
     recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
     recover_precision: Precision = typer.Option("fp32", help="bf16: bfloat16 autocast, fp32 master weights (~2.7x faster with AMX/AVX512-BF16; fp32 is used where bf16 has no native kernels).", rich_help_panel=_REC),
     recover_freeze_embeddings: bool = flag("--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", panel=_REC),
+    recover_adapter: RecoverAdapter = typer.Option("auto", help="distill: full (every weight, fp32) | lora (adapters, merged after) | auto (full where it fits in memory, else LoRA on bf16 weights).", rich_help_panel=_REC),
     lora_r: int = typer.Option(8, help="lora: rank.", rich_help_panel=_REC),
     lora_alpha: float = typer.Option(16.0, help="lora: scale numerator (scale = alpha / r).", rich_help_panel=_REC),
     lora_dropout: float = typer.Option(0.05, help="lora: dropout on the adapter input.", rich_help_panel=_REC),
@@ -89,7 +90,7 @@ def prune(
         temperature=recover_temperature, ce_weight=recover_ce_weight, freeze_embeddings=recover_freeze_embeddings,
         precision=value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
-        self_samples=recover_self_samples)
+        self_samples=recover_self_samples, adapter=value(recover_adapter))
     result = run_prune(model, out_dir, opts, plan_path=plan, overwrite=overwrite, dtype=value(dtype),
                        trust_remote_code=trust_remote_code, recovery=recovery,
                        device_map=device_map)

@@ -20,6 +20,7 @@ from amp_edge.models.checkpoint import save_pruned
 from amp_edge.errors import InvalidOptionError, UnsupportedArchitectureError
 from amp_edge.memory import release_memory
 from amp_edge.pruning.plan import PruningPlan
+from amp_edge.recovery.budget import apply_budget, plan_budget, source_params
 from amp_edge.recovery.train import RECOVERY_FILE, RecoverySpec, recover, usable_precision
 from amp_edge.data.recovery_data import recovery_rows, recovery_texts, wants_self, write_samples
 from amp_edge.recovery.state import fingerprint, load_rows, save_rows
@@ -153,6 +154,9 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
     _precheck_architecture(source)
+    if recovery is not None:  # full fp32 training where it fits, else LoRA on bf16 weights; refused before loading
+        budget = plan_budget(source_params(source), recovery.method, recovery.adapter, recovery.precision)
+        dtype, recovery = budget.dtype, apply_budget(recovery, budget)
     loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     adapter = get_adapter(loaded.model)
     before_shapes = adapter.shapes()

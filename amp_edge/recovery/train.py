@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 METHODS = ("distill", "lora")
 SCHEDULES = ("cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
+ADAPTERS = ("auto", "full", "lora")
 _KL_ROWS = 128  # rows of logits the distillation loss handles at a time (bounds its vocab-wide temporaries)
 DEFAULT_LR = {"distill": 1e-4, "lora": 3e-4}
 RECOVERY_FILE = "amp_edge_recovery.json"
@@ -65,6 +66,13 @@ class RecoverySpec:
     save_every: int = 10
     restart_on_mismatch: bool = False  # a resume_dir from another run: start over (True) or refuse (False)
     self_samples: int = 128  # sequences the dense model writes when data == 'self'
+    # distill: what trains. full: every weight; lora: adapters on frozen weights (merged after); auto: full where
+    # it fits in memory, else lora on bf16 weights (amp_edge.recovery.budget). lora always trains adapters.
+    adapter: str = "auto"
+
+    @property
+    def trains_adapters(self) -> bool:
+        return self.method == "lora" or self.adapter == "lora"
 
     @property
     def learning_rate(self) -> float:
@@ -87,6 +95,10 @@ class RecoverySpec:
             raise InvalidOptionError(f"unknown recovery method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.precision not in PRECISIONS:
             raise InvalidOptionError(f"unknown recovery precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.adapter not in ADAPTERS:
+            raise InvalidOptionError(f"unknown recovery adapter {self.adapter!r}; choose from {', '.join(ADAPTERS)}")
+        if self.method == "lora" and self.adapter == "full":
+            raise InvalidOptionError("--recover lora trains adapters; --recover-adapter full goes with --recover distill")
         if self.schedule not in SCHEDULES:
             raise InvalidOptionError(f"unknown recovery schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "micro", "save_every", "lora_r", "self_samples"):
@@ -111,6 +123,7 @@ class RecoverySpec:
         for k in ("resume_dir", "save_every", "restart_on_mismatch"):
             d.pop(k)
         d["lr"], d["warmup_steps"], d["micro_batch_size"], d["data"] = self.learning_rate, self.warmup, self.micro, self.source
+        d["adapter"] = "lora" if self.trains_adapters else "full"
         return d
 
 
@@ -158,8 +171,9 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, tokenizer
     spec.check()
     if spec.method == "distill" and teacher is None:
         raise InvalidOptionError("recovery method 'distill' needs the dense teacher model")
-    if any(p.dtype != torch.float32 for p in student.parameters()):
-        raise InvalidOptionError("recovery trains in float32; load the model with dtype float32")
+    if any(p.dtype != torch.float32 for p in student.parameters()) and not (spec.trains_adapters and spec.precision == "bf16"):
+        raise InvalidOptionError("recovery trains in float32 (or LoRA on bf16 weights under --recover-precision bf16); "
+                                 "load the model with dtype float32")
     label = spec.data or (SELF if data is None else "(token rows given)")
     if data is None:
         texts = recovery_texts(spec.source, spec.field)
@@ -178,13 +192,13 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, tokenizer
         resumed_from = state.step
         _train(model, teacher, params, optimizer, data, spec, state, progress)
     except BaseException:
-        if spec.method == "lora":
+        if spec.trains_adapters:
             model.unload()  # the student gets its plain Linears back, untrained
         raise
     finally:
         if teacher is not None:
             teacher.train(teacher_mode)
-    if spec.method == "lora":
+    if spec.trains_adapters:
         model.merge_and_unload()  # folds B·A·alpha/r into each base Linear and puts the plain Linear back
     for n, p in student.named_parameters():
         p.requires_grad_(flags.get(n, True))
@@ -198,7 +212,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, tokenizer
 
 def _trainable(student, spec: RecoverySpec):
     """The module to train and its trainable (name, parameter) pairs."""
-    if spec.method == "lora":
+    if spec.trains_adapters:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
