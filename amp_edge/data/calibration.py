@@ -119,8 +119,11 @@ def self_generated(model, tokenizer, spec: CalibrationSpec, desc: str = "generat
     vocab = min(len(tokenizer), model.config.vocab_size)
     rows = []
     step = max(spec.batch_size, min(spec.num_samples, generate_rows(model, spec.seq_len)))
-    batches = range(0, spec.num_samples, step)
-    for start in tqdm(batches, desc=desc, unit="batch", leave=False):
+    # One bar over every token written, moved at each generation step: a call writes all its rows at once and takes
+    # minutes on a large model, so a bar per call would sit at 0/1 all that time.
+    prompt = 1 + (tokenizer.bos_token_id is not None)
+    bar = tqdm(total=spec.num_samples * max(0, spec.seq_len - prompt), desc=desc, unit="tok", leave=False)
+    for start in range(0, spec.num_samples, step):
         n = min(step, spec.num_samples - start)
         first = torch.randint(0, vocab, (n, 1), generator=gen)
         if tokenizer.bos_token_id is not None:
@@ -130,6 +133,21 @@ def self_generated(model, tokenizer, spec: CalibrationSpec, desc: str = "generat
                 input_ids=first.to(device), attention_mask=torch.ones_like(first).to(device),
                 do_sample=True, top_p=0.95, temperature=1.0, max_length=spec.seq_len, min_length=spec.seq_len,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                stopping_criteria=[_Progress(bar, n, first.shape[1])],
             )
         rows.append(out[:, : spec.seq_len].cpu())
+    bar.close()
     return torch.cat(rows)
+
+
+class _Progress:
+    """A stopping criterion that never stops: it moves ``bar`` by the ``rows`` tokens each generation step writes."""
+
+    def __init__(self, bar, rows: int, prompt: int):
+        self.bar, self.rows, self.seen = bar, rows, prompt
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids.shape[1] - self.seen
+        self.seen = input_ids.shape[1]
+        self.bar.update(new * self.rows)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
