@@ -241,8 +241,8 @@ def stream_calibration(src: StreamedModel, spec, tokenizer, folder: str) -> tupl
 class ShardWriter:
     """Tensors into safetensors shards of about SHARD_BYTES, named and indexed as save_pretrained names them."""
 
-    def __init__(self, folder: Path, limit: int = SHARD_BYTES):
-        self.folder, self.limit = folder, limit
+    def __init__(self, folder: Path, limit: int | None = None):
+        self.folder, self.limit = folder, limit or SHARD_BYTES
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []
