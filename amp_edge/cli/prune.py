@@ -97,6 +97,8 @@ def prune(
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
         self_samples=recover_self_samples)
     world = distributed.init()
+    if not world.main:  # one console: rank 0 shows the progress, the notices and the result
+        distributed.quiet()
     if world.size > 1 and (refit or recover is not None):
         distributed.shutdown()
         raise InvalidOptionError("--refit and --recover run in one process; launch them without torchrun")

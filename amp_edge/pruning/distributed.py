@@ -135,6 +135,14 @@ def require_same_rows(batches: list[torch.Tensor]) -> None:
     require_same("calibration data", hashlib.sha256(rows.to(torch.long).numpy().tobytes()).hexdigest())
 
 
+def quiet() -> None:
+    """Silence this process's progress bars and notices (the ranks other than 0)."""
+    import logging
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    logging.getLogger().setLevel(logging.ERROR)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
