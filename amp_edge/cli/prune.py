@@ -26,7 +26,8 @@ _REC = "Recovery (after pruning)"
 def prune(
     model: str = typer.Argument(DEFAULT_MODEL, help="Short name, .gguf file, local folder or hub id."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned checkpoint.", rich_help_panel=_OUT),
-    dtype: WeightDtype = typer.Option("float32", help="Weights dtype.", rich_help_panel=_OUT),
+    dtype: Optional[WeightDtype] = typer.Option(None, help="Weights dtype (default: the source's when streamed, float32 in memory).", rich_help_panel=_OUT),
+    no_stream: bool = flag("--no-stream", help="Load the whole model instead of pruning a safetensors folder layer by layer.", panel=_OUT),
     overwrite: bool = flag("--overwrite", help="Replace an existing output folder.", panel=_OUT),
     trust_remote_code: bool = flag("--trust-remote-code", help="Allow model code from the hub.", panel=_OUT),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout.", panel=_OUT),
@@ -73,8 +74,14 @@ def prune(
     recover_resume_dir: Optional[Path] = typer.Option(None, help="Keep resumable training state here (default: beside --out, removed after saving).", rich_help_panel=_REC),
     recover_save_every: int = typer.Option(10, help="Save the training state every N steps.", rich_help_panel=_REC),
 ):
-    """Score heads and neurons, remove the least important, save a compact checkpoint."""
+    """Score heads and neurons, remove the least important, save a compact checkpoint.
+
+    Launched by torchrun, each rank calibrates on its share of the rows; rank 0 writes and prints."""
+    from dataclasses import asdict
+
     from amp_edge.data.calibration import CalibrationSpec
+    from amp_edge.errors import InvalidOptionError
+    from amp_edge.pruning import distributed
     from amp_edge.pruning.pipeline import PruneOptions
     from amp_edge.pruning.pipeline import prune as run_prune
     from amp_edge.pruning.refit import RefitSpec
@@ -91,9 +98,24 @@ def prune(
         precision=value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
         self_samples=recover_self_samples, adapter=value(recover_adapter))
-    result = run_prune(model, out_dir, opts, plan_path=plan, overwrite=overwrite, dtype=value(dtype),
-                       trust_remote_code=trust_remote_code, recovery=recovery,
-                       device_map=device_map)
+    world = distributed.init()
+    if not world.main:  # one console: rank 0 shows the progress, the notices and the result
+        distributed.quiet()
+    if world.size > 1 and (refit or recover is not None):
+        distributed.shutdown()
+        raise InvalidOptionError("--refit and --recover run in one process; launch them without torchrun")
+    try:
+        distributed.require_same("source and options", {
+            "model": model, "out": str(out_dir), "dtype": value(dtype), "plan": str(plan), "stream": not no_stream,
+            "options": asdict(opts), "recovery": asdict(recovery) if recovery else None})
+        result = run_prune(model, out_dir, opts, plan_path=plan, overwrite=overwrite, dtype=value(dtype),
+                           trust_remote_code=trust_remote_code, recovery=recovery, stream=not no_stream,
+                           device_map=device_map)
+        distributed.barrier()  # the other ranks wait for rank 0's output
+    finally:
+        distributed.shutdown()
+    if not world.main:
+        return
     if as_json:
         print(json.dumps(result.to_dict(), indent=1))
         return
@@ -108,7 +130,8 @@ def print_summary(result) -> None:
         table.add_row(str(row["layer"]), *(f"{a} → {b}" for a, b in (row["heads"], row["kv_heads"], row["ffn"])), f"{row['params_after']:,}")
     out.print(table)
     removed = 1 - result.params_after / result.params_before
-    out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s")
+    how = " (streamed layer by layer)" if result.streamed else ""
+    out.print(f"parameters {result.params_before:,} → {result.params_after:,} ({removed:.1%} removed) in {result.seconds:.1f} s{how}")
     split = result.plan.head_split
     if split.get("rule") == "auto":
         losses = ", ".join(f"{k} units {v:.4f}" for k, v in split["calibration_loss"].items())

@@ -83,6 +83,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.dtype)
 
 
+def share_rows(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's calibration rows (every size-th row), in batches of the first batch's size; the batches unchanged in
+    one process. Rows, not batches, are shared so that a few batches still spread over every rank."""
+    w = world()
+    if w.size == 1 or not batches:
+        return list(batches)
+    mine = torch.cat(list(batches))[w.rank::w.size]
+    return list(mine.split(batches[0].shape[0])) if mine.shape[0] else []
+
+
+def reduce_loss(total: float, tokens: int) -> float:
+    """The mean of a loss summed over tokens on every rank (``total / tokens`` in one process; inf without tokens)."""
+    sums = all_reduce_sum(torch.tensor([total, float(tokens)], dtype=torch.float64))
+    return float(sums[0] / sums[1]) if sums[1] > 0 else float("inf")
+
+
+def broadcast_rows(rows: torch.Tensor | None) -> torch.Tensor:
+    """Rank 0's token rows on every rank (rows written by rank 0 alone: the model's own samples)."""
+    import torch.distributed as dist
+
+    if world().size == 1:
+        return rows
+    shape = [list(rows.shape) if rows is not None else None]
+    dist.broadcast_object_list(shape, src=0)
+    out = rows.to(torch.long).contiguous() if world().main else torch.empty(shape[0], dtype=torch.long)
+    dist.broadcast(out, src=0)
+    return out
+
+
 def require_same(what: str, value) -> None:
     """Refuse a launch whose ranks were given different ``value`` (options, source, data): their sums would mix."""
     import torch.distributed as dist
@@ -96,6 +125,22 @@ def require_same(what: str, value) -> None:
     odd = [r for r, d in enumerate(digests) if d != digests[0]]
     if odd:
         raise InvalidOptionError(f"ranks {odd} were launched with a different {what} than rank 0; every rank needs the same command")
+
+
+def require_same_rows(batches: list[torch.Tensor]) -> None:
+    """Refuse ranks that read different calibration rows (a data file that differs between machines)."""
+    if world().size == 1:
+        return
+    rows = torch.cat(list(batches)) if batches else torch.zeros(0, dtype=torch.long)
+    require_same("calibration data", hashlib.sha256(rows.to(torch.long).numpy().tobytes()).hexdigest())
+
+
+def quiet() -> None:
+    """Silence this process's progress bars and notices (the ranks other than 0)."""
+    import logging
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    logging.getLogger().setLevel(logging.ERROR)
 
 
 def barrier() -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from amp_edge.models.adapters import get_adapter, supported_model_types
+from amp_edge.pruning import distributed
 from amp_edge.pruning.allocation import check_options
-from amp_edge.data.calibration import CalibrationSpec, calibration_batches, generate_rows
+from amp_edge.data.calibration import SELF, CalibrationSpec, calibration_batches, generate_rows
 from amp_edge.io import check_output
 from amp_edge.models.checkpoint import save_pruned
 from amp_edge.errors import InvalidOptionError, UnsupportedArchitectureError
@@ -73,6 +74,7 @@ class PruneResult:
     per_layer: bool = False  # True: the config carries per-layer sizes, load with amp_edge.load_pruned
     recovery: dict | None = None  # what recovery training ran (RecoveryResult.to_dict()), if any
     refit: dict | None = None  # what the least-squares refit used (RefitSpec, tokens, seconds), if it ran
+    streamed: bool = False  # True: pruned layer by layer from the safetensors files (amp_edge.pruning.streamed)
 
     def to_dict(self) -> dict:
         return {
@@ -81,7 +83,8 @@ class PruneResult:
             "params_before": self.params_before, "params_after": self.params_after,
             "params_removed_fraction": 1 - self.params_after / self.params_before,
             "head_split": self.plan.head_split,
-            "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2), "layers": self.layers,
+            "uniform": self.plan.is_uniform, "per_layer_config": self.per_layer, "seconds": round(self.seconds, 2),
+            "streamed": self.streamed, "layers": self.layers,
             **({"refit": self.refit} if self.refit else {}),
             **({"recovery": self.recovery} if self.recovery else {}),
         }
@@ -94,26 +97,64 @@ class PruneResult:
 
 
 def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
-    """Score the model and decide what to keep; the model is not changed."""
+    """Score the model and decide what to keep; the model is not changed. Under torchrun each rank scores its share
+    of the calibration rows and the sums are added (amp_edge.pruning.distributed): every rank gets the same plan."""
     opts.check()
     adapter = get_adapter(loaded.model)
     adapter.check_prunable()
-    # The ratio's feasibility depends on shapes only: refuse it before spending time on calibration.
-    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
-    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
-    batches = calibration_batches(opts.calibration, loaded.model, loaded.tokenizer) if opts.needs_calibration() else []
-    scores = score(opts.criterion, adapter, batches, seed=opts.seed)
+    check_feasible(adapter, opts)
+    batches = _calibration(opts.calibration, loaded) if opts.needs_calibration() else []
+    distributed.require_same_rows(batches)
+    scores = score(opts.criterion, adapter, distributed.share_rows(batches), seed=opts.seed)
     plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches)
     plan.criterion = opts.criterion
-    plan.calibration = opts.calibration.to_dict() if opts.needs_calibration() else {}
-    plan.calibration["seed"] = opts.seed
+    plan.calibration = calibration_record(opts, opts.calibration)
     return plan
 
 
+def check_feasible(adapter, opts: PruneOptions) -> None:
+    """The ratio's feasibility depends on shapes only: refuse it before spending time on calibration."""
+    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
+    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+
+
+def calibration_record(opts: PruneOptions, spec: CalibrationSpec | None) -> dict:
+    """What the plan records of the calibration: the spec used (the data a streamed ``self`` fell back to), the seed,
+    and the torchrun world size when there were several processes."""
+    record = spec.to_dict() if opts.needs_calibration() and spec is not None else {}
+    if opts.needs_calibration() and spec is not None and spec.source != opts.calibration.source:
+        record["requested"] = opts.calibration.source
+    record["seed"] = opts.seed
+    if distributed.world().size > 1:
+        record["world_size"] = distributed.world().size
+    return record
+
+
+def _calibration(spec: CalibrationSpec, loaded: LoadedModel) -> list[torch.Tensor]:
+    """Calibration batches; under torchrun the model's own samples are written by rank 0 and sent to the others."""
+    if spec.source != SELF or distributed.world().size == 1:
+        return calibration_batches(spec, loaded.model, loaded.tokenizer)
+    rows = torch.cat(calibration_batches(spec, loaded.model, loaded.tokenizer)) if distributed.world().main else None
+    return list(distributed.broadcast_rows(rows).split(spec.batch_size))
+
+
+def streams(source: str, opts: PruneOptions, plan_path=None, recovery: RecoverySpec | None = None) -> bool:
+    """Whether ``prune`` takes the layer-streamed path: a local safetensors folder, no recovery, no refit."""
+    if recovery is not None or opts.refit is not None:
+        return False
+    where = resolve(source)
+    return where["kind"] == "folder" and any(Path(where["path"]).glob("*.safetensors"))
+
+
 def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: str | Path | None = None,
-          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
-          recovery: RecoverySpec | None = None, device_map: str | dict | None = None) -> PruneResult:
+          overwrite: bool = False, dtype: str | None = None, trust_remote_code: bool = False,
+          recovery: RecoverySpec | None = None, stream: bool = True,
+          device_map: str | dict | None = None) -> PruneResult:
     """Prune ``source`` with AMP (or a replayed plan), optionally recover, and save the compact model to ``out``.
+
+    A safetensors folder without recovery or refit is pruned layer by layer (amp_edge.pruning.streamed) and saved in
+    its own dtype (``dtype`` None or "auto"); ``stream=False``, GGUF files, short names, hub ids, recovery and refit
+    load the whole model (in ``dtype``, float32 by default). Under torchrun only rank 0 writes ``out``.
 
     With recovery and no ``recovery.resume_dir``, the training state goes to ``.<out>.recover-state`` beside
     ``out``: rerunning the same command after an interruption resumes there; it is removed once ``out`` is saved.
@@ -121,12 +162,18 @@ def prune(source: str, out: str | Path | None, opts: PruneOptions, plan_path: st
     start = time.perf_counter()
     if out is not None:
         check_output(out, overwrite)
+    _precheck_architecture(source)
+    if stream and device_map is None and streams(source, opts, plan_path, recovery):  # a map places a whole model
+        from amp_edge.pruning.streamed import prune_streamed
+
+        return prune_streamed(source, out, opts, plan_path, overwrite, dtype)
+    dtype = "float32" if dtype is None else dtype
     state_dir = None
     if recovery is not None and recovery.resume_dir is None and out is not None:
         state_dir = Path(out).expanduser().parent / f".{Path(out).name}.recover-state"
         recovery = replace(recovery, resume_dir=str(state_dir), restart_on_mismatch=True)
     loaded, result = prune_in_memory(source, opts, plan_path, dtype, trust_remote_code, recovery, device_map)
-    if out is not None:
+    if out is not None and distributed.world().main:
         after = result.after_pruning()
         extra = {RECOVERY_FILE: after} if after else None
         save_pruned(loaded.model, loaded.tokenizer, result.plan, out, overwrite=overwrite, extra=extra)

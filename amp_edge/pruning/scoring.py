@@ -63,73 +63,112 @@ def input_hooks(modules: list[torch.nn.Module], fn: Callable[[int, torch.Tensor]
             h.remove()
 
 
-def _run(adapter: Adapter, batches: Iterable[torch.Tensor], hook_fn: Callable, desc: str) -> int:
-    """Forward every batch with hooks on each layer's o_proj and down_proj inputs; returns tokens seen."""
+class Accumulator:
+    """One layer's running sums for a calibrated criterion, fed the inputs of its o_proj and down_proj.
+
+    The in-memory pass (hooks on every layer) and the streamed pass (one filled layer at a time) use the same class,
+    so both compute the same numbers. Sums are float64; ``reduce`` adds every torchrun rank's sums and token counts
+    before ``finish`` turns them into scores (amp_edge.pruning.distributed)."""
+
+    def __init__(self, criterion: str, head_dim: int, o_in: int, d_in: int):
+        if not needs_calibration(criterion):
+            raise InvalidOptionError(f"criterion {criterion!r} reads no activations")
+        self.criterion, self.hd = criterion, head_dim
+        self.attn_sum = torch.zeros(o_in // head_dim if criterion == "amp" else o_in, dtype=torch.float64)
+        self.mlp_sum = torch.zeros(d_in, dtype=torch.float64)
+        self.tokens = 0
+
+    @classmethod
+    def for_layer(cls, criterion: str, adapter: Adapter, i: int) -> Accumulator:
+        return cls(criterion, adapter.head_dim, adapter.o_proj(i).in_features, adapter.down_proj(i).in_features)
+
+    def attn(self, x: torch.Tensor, o_proj: torch.nn.Linear) -> None:
+        """Add the o_proj input ``x`` (tokens are counted here)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.criterion == "wanda-sp":
+            self.attn_sum += x.double().pow(2).sum(0)
+            return
+        hd = self.hd  # amp: per-head contribution through o_proj, L1 over hidden
+        w = o_proj.weight.float()
+        w = w.reshape(w.shape[0], -1, hd)  # (hidden, heads, hd)
+        for chunk in x.split(_TOKEN_CHUNK):
+            contrib = torch.einsum("nhd,ohd->nho", chunk.reshape(chunk.shape[0], -1, hd), w)
+            self.attn_sum += contrib.abs().sum(dim=(0, 2)).double()
+
+    def mlp(self, x: torch.Tensor) -> None:
+        """Add the down_proj input ``x``."""
+        x = x.reshape(-1, x.shape[-1])
+        if self.criterion == "wanda-sp":
+            self.mlp_sum += x.double().pow(2).sum(0)
+        else:
+            self.mlp_sum += x.float().abs().sum(0).double()
+
+    def reduce(self) -> None:
+        """Sum over the torchrun ranks (a no-op in one process); every rank calls it, in the same order."""
+        from amp_edge.pruning.distributed import all_reduce_sum
+
+        self.attn_sum = all_reduce_sum(self.attn_sum)
+        self.mlp_sum = all_reduce_sum(self.mlp_sum)
+        self.tokens = int(all_reduce_sum(torch.tensor([float(self.tokens)], dtype=torch.float64)).item())
+
+    def finish(self, o_proj: torch.nn.Linear, down_proj: torch.nn.Linear) -> LayerScores:
+        """The layer's scores (after ``reduce``); wanda-sp reads the weights, so they must be there."""
+        _require_tokens(self.tokens)
+        if self.criterion == "amp":
+            return LayerScores(self.attn_sum / self.tokens, self.mlp_sum / self.tokens)
+        col_o = (o_proj.weight.abs().double() * self.attn_sum.sqrt()).mean(0)
+        col_d = (down_proj.weight.abs().double() * self.mlp_sum.sqrt()).mean(0)
+        return LayerScores(col_o.reshape(-1, self.hd).sum(1), col_d)
+
+
+def _calibrated(criterion: str, adapter: Adapter, batches: Iterable[torch.Tensor]) -> list[LayerScores]:
+    """Forward every batch with hooks on each layer's o_proj and down_proj inputs, then finish each layer."""
     n = adapter.num_layers
+    accs = [Accumulator.for_layer(criterion, adapter, i) for i in range(n)]
     modules = [adapter.o_proj(i) for i in range(n)] + [adapter.down_proj(i) for i in range(n)]
-    tokens = 0
+
+    def hook(i, x):
+        if i < n:
+            accs[i].attn(x, modules[i])
+        else:
+            accs[i - n].mlp(x)
+
     device = next(adapter.model.parameters()).device
-    with input_hooks(modules, hook_fn):
-        for batch in tqdm(list(batches), desc=desc, unit="batch", leave=False):
+    with input_hooks(modules, hook):
+        for batch in tqdm(list(batches), desc=f"scoring ({criterion})", unit="batch", leave=False):
             # The decoder body only: the LM head's logits (tokens x vocab) are not needed for scoring.
             adapter.decoder(input_ids=batch.to(device), use_cache=False)
-            tokens += batch.numel()
-    return tokens
+    out = []
+    for i, acc in enumerate(accs):
+        acc.reduce()
+        out.append(acc.finish(adapter.o_proj(i), adapter.down_proj(i)))
+    return out
 
 
 @scorer("amp")
 def amp_scores(adapter: Adapter, batches, seed=0) -> list[LayerScores]:
-    n, hd = adapter.num_layers, adapter.head_dim
-    heads = [None] * n
-    neurons = [None] * n
-
-    def hook(i, x):
-        x = x.reshape(-1, x.shape[-1]).float()
-        if i < n:  # attention output-projection input: per-head contribution, L1 over hidden
-            w = adapter.o_proj(i).weight.float()
-            w = w.reshape(w.shape[0], -1, hd)  # (hidden, heads, hd)
-            total = 0
-            for chunk in x.split(_TOKEN_CHUNK):
-                contrib = torch.einsum("nhd,ohd->nho", chunk.reshape(chunk.shape[0], -1, hd), w)
-                total = total + contrib.abs().sum(dim=(0, 2)).double()
-            heads[i] = total if heads[i] is None else heads[i] + total
-        else:
-            s = x.abs().sum(0).double()
-            neurons[i - n] = s if neurons[i - n] is None else neurons[i - n] + s
-
-    tokens = _run(adapter, batches, hook, "scoring (amp)")
-    _require_tokens(tokens)
-    return [LayerScores(h / tokens, a / tokens) for h, a in zip(heads, neurons)]
+    return _calibrated("amp", adapter, batches)
 
 
 @scorer("wanda-sp")
 def wanda_sp_scores(adapter: Adapter, batches, seed=0) -> list[LayerScores]:
-    n, hd = adapter.num_layers, adapter.head_dim
-    sq = [None] * (2 * n)
+    return _calibrated("wanda-sp", adapter, batches)
 
-    def hook(i, x):
-        s = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
-        sq[i] = s if sq[i] is None else sq[i] + s
 
-    _require_tokens(_run(adapter, batches, hook, "scoring (wanda-sp)"))
-    out = []
-    for i in range(n):
-        col_o = (adapter.o_proj(i).weight.abs().double() * sq[i].sqrt()).mean(0)
-        col_d = (adapter.down_proj(i).weight.abs().double() * sq[n + i].sqrt()).mean(0)
-        out.append(LayerScores(col_o.reshape(-1, hd).sum(1), col_d))
-    return out
+def magnitude_layer(adapter: Adapter, i: int) -> LayerScores:
+    """Layer i's magnitude scores (its weights must be there)."""
+    hd = adapter.head_dim
+    q = adapter.query_weight(i).double().pow(2).sum(1).reshape(-1, hd).sum(1)
+    o = adapter.o_proj(i).weight.double().pow(2).sum(0).reshape(-1, hd).sum(1)
+    mlp = sum(w.double().pow(2).sum(1) for w in adapter.mlp_in_weights(i))
+    down = adapter.down_proj(i).weight.double().pow(2).sum(0)
+    return LayerScores((q + o).sqrt(), (mlp + down).sqrt())
 
 
 @scorer("magnitude")
 def magnitude_scores(adapter: Adapter, batches=(), seed=0) -> list[LayerScores]:
-    out, hd = [], adapter.head_dim
-    for i in range(adapter.num_layers):
-        q = adapter.query_weight(i).double().pow(2).sum(1).reshape(-1, hd).sum(1)
-        o = adapter.o_proj(i).weight.double().pow(2).sum(0).reshape(-1, hd).sum(1)
-        mlp = sum(w.double().pow(2).sum(1) for w in adapter.mlp_in_weights(i))
-        down = adapter.down_proj(i).weight.double().pow(2).sum(0)
-        out.append(LayerScores((q + o).sqrt(), (mlp + down).sqrt()))
-    return out
+    return [magnitude_layer(adapter, i) for i in range(adapter.num_layers)]
 
 
 @scorer("random")
