@@ -194,6 +194,7 @@ def _pack(linears: list[nn.Linear]) -> nn.Linear:
             if m.bias is not None:
                 m.bias.data = out.bias.data[rows]
             start += m.out_features
+    out.amp_parts = tuple(linears)  # where the packed rows come from (the streamed export reads them by name)
     return out.eval()
 
 

@@ -182,7 +182,10 @@ def test_bad_input(tmp_path, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(package, "save_graph", disk_full)
+    import exporters.deferred as deferred
+
+    monkeypatch.setattr(package, "save_graph", disk_full)  # the in-memory path
+    monkeypatch.setattr(deferred, "write_weights", disk_full)  # the streamed path (a checkpoint folder)
     with pytest.raises(ExportError, match="disk full"):
         export(str(dense), tmp_path / "y", ExportOptions(ratio=0))
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
@@ -191,6 +194,7 @@ def test_bad_input(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(package, "save_graph", interrupted)
+    monkeypatch.setattr(deferred, "write_weights", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export(str(dense), tmp_path / "z", ExportOptions(ratio=0))
     assert not (tmp_path / "z").exists() and not list(tmp_path.glob(".z.tmp-*"))

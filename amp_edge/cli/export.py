@@ -37,6 +37,7 @@ def export_cmd(
     optimize: Optimize = typer.Option("fuse", help="fuse: ORT transformer fusions (RMSNorm, rotary) | none: the plain trace.", rich_help_panel=_GRAPH),
     attention: Attention = typer.Option("auto", help="auto: GroupQueryAttention where a layer allows it (right padding only) | gqa: every layer | sdpa: plain attention (any padding).", rich_help_panel=_GRAPH),
     external_data: bool = flag("--external-data/--single-file", help="Weights in model.onnx.data (less memory) or in model.onnx when under 2 GB.", panel=_GRAPH, default=True),
+    stream: bool = flag("--stream/--no-stream", help="A checkpoint folder is exported layer by layer (no fp32 model in memory); --no-stream loads it whole.", panel=_GRAPH, default=True),
     validate: bool = flag("--validate/--no-validate", help="Check ONNX Runtime against PyTorch.", panel=_CHECK, default=True),
     min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55).", rich_help_panel=_CHECK),
     max_abs_diff: Optional[float] = typer.Option(None, help="fp32: max |Δlogits| allowed (default max(1e-3, 4e-5 x max |logit|)).", rich_help_panel=_CHECK),
@@ -67,7 +68,7 @@ def export_cmd(
         graph=GraphSpec(opset, value(optimize), value(attention)),
         quant=QuantSpec(value(dtype), block_size, accuracy_level, keep, value(int8_scheme), embedding=value(embedding)),
         validate=validate, min_top1=min_top1, max_abs_diff=max_abs_diff, external_data=external_data,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stream=stream,
     )
     result = export(model, out_dir, opts, overwrite=overwrite)
     if as_json:

@@ -1,0 +1,224 @@
+"""Layer-streamed export of a safetensors checkpoint: no fp32 model in memory, no second copy of the weights.
+
+The graph is traced once from a meta-device skeleton (shapes only: the trace takes placeholder weights, as the
+in-memory path does after ``release_weights``); every weight initializer is deferred (exporters.deferred) and written
+by ``write_weights`` tensor by tensor, converted (fp16) or block-quantized (int4/int8 MatMulNBits) on the way.
+Validation: ONNX Runtime decodes greedily and keeps its logits; the PyTorch reference then runs the prompt and that
+continuation in one forward pass whose layers are filled from the checkpoint one at a time (fill before, empty after).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from amp_edge.memory import release_memory
+from amp_edge.models.adapters import get_adapter
+from amp_edge.models.layered import Checkpoint, empty, fill, skeleton, tied_names
+from exporters import deferred
+from exporters.attention import gqa_attention, gqa_layers
+from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
+from exporters.quantize import QuantSpec, matmul_names, rows_from_head, select, share_tied_embedding, to_fp16
+from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, prompts
+from exporters.wrapper import DecoderStep, example_inputs, kv_layout
+
+log = logging.getLogger(__name__)
+
+
+def streamable(quant: QuantSpec) -> bool:
+    """Dynamic int8 re-saves the whole model through ORT's quantizer: it keeps the in-memory path."""
+    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic")
+
+
+def load_skeleton(path: str | Path):
+    ckpt = Checkpoint.open(path)
+    model = skeleton(ckpt.config()).to(torch.float32)
+    return ckpt, model
+
+
+def build_graph(model, ckpt: Checkpoint, folder: Path, spec: GraphSpec) -> tuple[onnx.ModelProto, deferred.WeightStore]:
+    """Trace the skeleton (weights as graph inputs), bind deferred initializers, fold transposes, fuse."""
+    store = deferred.WeightStore(ckpt, tied_names(model))
+    layout = kv_layout(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    with gqa_attention(model, gqa_layers(model, spec.attention), spec.pack_mlp is not False) as gqa, rotary_as_matmul(model):
+        step = DecoderStep(model, gqa).eval()
+        stored = _deferred_inputs(step, names, store)
+        _placeholders(step)
+        traced = folder / "traced.onnx"
+        log.info("tracing %d layers", layout.num_layers)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(step, example_inputs(model), str(traced), input_names=layout.input_names(),
+                              output_names=layout.output_names(), dynamic_axes=layout.dynamic_axes(),
+                              opset_version=spec.opset, do_constant_folding=False, export_params=False, dynamo=False)
+    graph = onnx.load(str(traced))
+    traced.unlink()
+    _bind_weights(graph, stored)
+    deferred.fold_transposes(graph, store)
+    if spec.optimize == "fuse":
+        scratch = store.placeholder_file(folder)
+        with working_dir(folder):
+            graph = fuse(graph)
+        scratch.unlink()
+        trim_rotary_caches(graph, getattr(model.config, "max_position_embeddings", None))
+    return graph, store
+
+
+def _deferred_inputs(step: torch.nn.Module, names: dict[int, str], store) -> dict[str, onnx.TensorProto]:
+    """One initializer per traced parameter (deferred: its checkpoint sources) and per buffer (real values)."""
+    from onnx import numpy_helper
+
+    out = {}
+    for mod_name, sub in step.named_modules():
+        for pname, p in sub._parameters.items():
+            if p is None:
+                continue
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            parts = getattr(sub, "amp_parts", None) or (sub,)
+            sources = tuple(f"{names[id(m)]}.{pname}" for m in parts)
+            out[full] = store.initializer(full, deferred.Recipe(sources), tuple(p.shape))
+        for bname, b in sub._buffers.items():
+            if b is not None:
+                full = f"{mod_name}.{bname}" if mod_name else bname
+                out[full] = numpy_helper.from_array(b.detach().contiguous().numpy(), full)
+    return out
+
+
+def _placeholders(step: torch.nn.Module) -> None:
+    """Meta parameters -> distinct constant placeholders (the exporter merges initializers of equal content); tied
+    parameters stay one object."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for sub in step.modules():
+        for pname, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                value = torch.full((), float(len(made) + 1), dtype=p.dtype).expand(p.shape)
+                made[id(p)] = torch.nn.Parameter(value, requires_grad=False)
+            sub._parameters[pname] = made[id(p)]
+
+
+def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
+    """The dtype pass of exporters.quantize.quantize, on deferred weights."""
+    if spec.dtype in ("fp32", "fp16") and tied and spec.embedding == "shared":
+        rows_from_head(graph)
+    if spec.dtype == "fp32":
+        return graph
+    if spec.dtype == "fp16":
+        return to_fp16(graph)
+    names = matmul_names(graph)
+    kept = set(select(names, spec.keep_8bit)) if spec.keep_8bit else set()
+    if spec.dtype == "int8":
+        deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
+    else:
+        deferred.quantize_matmuls(graph, store, 4, spec.block_size, spec.symmetric, spec.accuracy_level, kept)
+        if kept:
+            deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level,
+                                      {n for n in matmul_names(graph) if n not in kept})
+    if not (tied and spec.embedding == "shared" and share_tied_embedding(graph, spec.block_size)):
+        deferred.half_embeddings(graph)
+    return graph
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+
+def ort_greedy(decoder, ids: np.ndarray, mask: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX Runtime's greedy tokens and the logits of every step (prefill, then one cached step per token)."""
+    from amp_edge_runtime.decoder import last_real
+
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    logits, cache = decoder.step(ids, mask, positions, decoder.empty_cache(ids.shape[0]))
+    got, tokens = [logits.astype(np.float32)], []
+    last = last_real(mask)
+    cur_mask = mask
+    for t in tqdm(range(steps), desc="validating: onnx greedy", unit="token", leave=False):
+        step_logits = logits[np.arange(len(last)), last] if t == 0 else logits[:, -1]
+        nxt = step_logits.argmax(-1)[:, None].astype(np.int64)
+        tokens.append(nxt)
+        if t == steps - 1:
+            break
+        cur_mask = np.concatenate([cur_mask, np.ones_like(nxt)], 1)
+        logits, cache = decoder.step(nxt, cur_mask, positions[:, -1:] + t + 1, cache)
+        got.append(logits.astype(np.float32))
+    return np.concatenate(tokens, 1), np.concatenate(got, 1)
+
+
+def torch_logits(model, ckpt: Checkpoint, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """fp32 logits of one forward pass over ``ids``, each decoder layer (and the embedding, the head) filled from the
+    checkpoint just before it runs and emptied just after: about one layer of weights in memory."""
+    adapter = get_adapter(model)
+    tied = tied_names(model)
+    streamed = [*adapter.layers(), model.get_input_embeddings(), model.get_output_embeddings()]
+    prefixes = {id(m): n + "." for n, m in model.named_modules()}
+    bar = tqdm(total=len(adapter.layers()), desc="validating: pytorch layers", unit="layer", leave=False)
+    handles = []
+    for m in streamed:
+        handles.append(m.register_forward_pre_hook(lambda mod, _a: fill(mod, prefixes[id(mod)], ckpt, torch.float32, tied) and None))
+        handles.append(m.register_forward_hook(lambda mod, _a, _o: (empty(mod), bar.update(1) if mod in adapter.layers() else None) and None))
+    rest = [m for m in model.modules() if m is not model and not any(m is s or _inside(m, s) for s in streamed)
+            and any(p is not None for p in m._parameters.values())]
+    try:
+        for m in rest:
+            fill(m, prefixes[id(m)], ckpt, torch.float32, tied)
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        positions = (mask_t.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions, use_cache=False).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+        for m in rest:
+            empty(m)
+        bar.close()
+
+
+def _inside(m, parent) -> bool:
+    return any(m is sub for sub in parent.modules())
+
+
+def validate(decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, padding: str, min_top1=None, max_abs=None) -> Parity:
+    """Greedy ONNX tokens, then PyTorch's logits on prompt + those tokens (teacher forcing, one pass): max |Δlogits|,
+    top-1 agreement, and (fp32) whether PyTorch's greedy choice is ONNX's token at every step."""
+    from exporters.validate import MIN_TOP1
+
+    parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]), max_abs)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    for name, rows in prompts(tokenizer, model.config.vocab_size):
+        ids, mask = pad(rows, pad_id, padding)
+        tokens, got = ort_greedy(decoder, ids, mask, GREEDY_STEPS)
+        full = np.concatenate([ids, tokens[:, :-1]], 1)
+        full_mask = np.concatenate([mask, np.ones_like(tokens[:, :-1])], 1)
+        expected = torch_logits(model, ckpt, full, full_mask)
+        parity.shapes.append(_result(name, ids, mask, tokens, got, expected, full_mask, dtype))
+        parity.mismatches += _judge(parity.shapes[-1], dtype, parity.min_top1, max_abs)
+    return parity
+
+
+def _result(name, ids, mask, tokens, got, expected, full_mask, dtype) -> ShapeResult:
+    from amp_edge_runtime.decoder import last_real
+
+    valid = full_mask.astype(bool)
+    steps = tokens.shape[1]
+    if not np.isfinite(got[valid]).all():
+        return ShapeResult(name, ids.shape[0], mask.sum(1).tolist(), steps - 1, float("inf"), float("inf"), 0.0, int(valid.sum()))
+    diff = np.abs(got - expected)[valid]
+    span = float((expected[valid].max(-1) - expected[valid].min(-1)).mean())
+    agree = (got.argmax(-1) == expected.argmax(-1))[valid]
+    result = ShapeResult(name, ids.shape[0], mask.sum(1).tolist(), steps - 1, float(diff.max()),
+                         float(diff.max() / span) if span else 0.0, float(agree.mean()), int(valid.sum()),
+                         float(np.abs(expected[valid]).max()))
+    if dtype == "fp32":  # PyTorch's greedy choice at each step: the last real prompt position, then each new token
+        cols = np.stack([last_real(mask)] + [np.full(ids.shape[0], ids.shape[1] + t) for t in range(steps - 1)], 1)
+        choice = np.take_along_axis(expected.argmax(-1), cols, 1)
+        differ = np.nonzero((choice != tokens).any(0))[0]
+        result.greedy_equal = not len(differ)
+        result.greedy_first_mismatch = int(differ[0]) if len(differ) else None
+    return result
