@@ -192,3 +192,81 @@ def test_unsupported_gguf_architecture_refused_before_loading(tmp_path, monkeypa
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\3\0")
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         load_model(str(tmp_path / "junk.gguf"))
+
+
+# --- BOS: where the tokenizer adds one, perplexity windows, calibration and recovery rows start with it -------------
+
+def _bos_tokenizer():
+    from tokenizers import processors
+
+    from .tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def _nll(model, ids: list[int], targets_from: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(ids[1:])
+    return torch.nn.functional.cross_entropy(out[targets_from:], target[targets_from:], reduction="sum")
+
+
+def test_adds_bos_follows_the_tokenizer():
+    from amp_edge.data.tokens import adds_bos, bos_prefix
+
+    from .tiny import char_tokenizer
+
+    assert adds_bos(_bos_tokenizer()) and not adds_bos(char_tokenizer())
+    assert bos_prefix(char_tokenizer()) == [] and bos_prefix(char_tokenizer(), bos=True) == [1]
+    assert bos_prefix(_bos_tokenizer(), bos=False) == []
+
+
+@pytest.mark.parametrize("window", [64, 9])  # one window; several disjoint windows of 8 text tokens
+def test_perplexity_prepends_bos_where_the_tokenizer_adds_one(window):
+    import math
+
+    from amp_edge.evaluation.perplexity import perplexity
+
+    model, tok, text = tiny_model("gemma3"), _bos_tokenizer(), "the quick brown fox jumps over"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with_bos = perplexity(model, tok, text, window=window)
+    assert with_bos.bos and with_bos.tokens == len(ids)  # every text token scored, the first after BOS
+    span = window - 1
+    nll = sum(_nll(model, [1] + ids[b:b + span], 0) for b in range(0, len(ids), span))
+    assert with_bos.nll == pytest.approx(nll.item() / len(ids), rel=1e-5)
+    without = perplexity(model, tok, text, window=window, bos=False)
+    assert not without.bos and without.tokens < len(ids)  # without BOS a window's first token has no context
+    if window == 64:
+        assert without.nll == pytest.approx(_nll(model, ids, 0).item() / (len(ids) - 1), rel=1e-5)
+    assert math.isfinite(with_bos.perplexity) and with_bos.perplexity != without.perplexity
+
+
+def test_perplexity_unchanged_for_a_tokenizer_without_bos():
+    from amp_edge.evaluation.perplexity import perplexity
+
+    from .tiny import char_tokenizer
+
+    model, tok, text = tiny_model("llama"), char_tokenizer(), "the quick brown fox jumps over"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    result = perplexity(model, tok, text, window=64)
+    assert not result.bos and result.tokens == len(ids) - 1
+    assert result.nll == pytest.approx(_nll(model, ids, 0).item() / (len(ids) - 1), rel=1e-6)
+
+
+def test_calibration_and_recovery_rows_start_with_bos(tmp_path):
+    from amp_edge.data.calibration import CalibrationSpec, calibration_batches
+    from amp_edge.data.recovery_data import pack
+
+    from .tiny import char_tokenizer
+
+    data = tmp_path / "c.txt"
+    data.write_text("\n\n".join(f"document number {i} with some words" for i in range(40)))
+    spec = CalibrationSpec(source=str(data), num_samples=4, seq_len=16, batch_size=4)
+    rows = calibration_batches(spec, None, _bos_tokenizer())[0]
+    assert rows.shape == (4, 16) and rows[:, 0].tolist() == [1] * 4 and (rows[:, 1:] != 1).all()
+    plain = calibration_batches(spec, None, char_tokenizer())[0]
+    assert (plain[:, 0] != 1).all()
+    packed = pack(["some text here"] * 20, _bos_tokenizer(), 12, seed=0)
+    assert packed.shape[1] == 12 and packed[:, 0].tolist() == [1] * packed.shape[0]
