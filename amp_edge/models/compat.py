@@ -69,6 +69,16 @@ def partial_rotary_factor(config) -> float:
     return float(value if value is not None else 1.0)
 
 
+def rotary_call(decoder, layer_type: str | None = None):
+    """(module, keywords) computing the rotary tables of ``layer_type``: 5.x's Gemma 3 has one rotary module called
+    with ``layer_type``; 4.57's has ``rotary_emb`` (global) and ``rotary_emb_local`` (sliding layers)."""
+    if layer_type is None:
+        return decoder.rotary_emb, {}
+    if hasattr(decoder, "rotary_emb_local"):
+        return (decoder.rotary_emb_local if layer_type == "sliding_attention" else decoder.rotary_emb), {}
+    return decoder.rotary_emb, {"layer_type": layer_type}
+
+
 def cache_from_tensors(past) -> object:
     """A DynamicCache holding layer i's (key, value) = past[2i], past[2i + 1]."""
     from transformers import DynamicCache

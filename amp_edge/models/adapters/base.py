@@ -251,10 +251,14 @@ class Adapter:
         return int(window) if window else None
 
     def rope_layer_type(self, i: int) -> str | None:
-        """The key of layer i's rotary tables when layer types have their own rope (Gemma 3), else None."""
-        params = getattr(self.config, "rope_parameters", None)
-        kind = getattr(self.attention(i), "layer_type", None)
-        return kind if isinstance(params, dict) and isinstance(params.get(kind), dict) else None
+        """Layer i's type (``config.layer_types``) when layer types have their own rotary tables (Gemma 3's local
+        rope base), else None: one table serves every layer."""
+        types = getattr(self.config, "layer_types", None)
+        if not types:
+            return None
+        params = getattr(self.config, "rope_parameters", None)  # 5.x: one dict per layer type
+        per_type = isinstance(params, dict) and isinstance(params.get(types[i]), dict)
+        return types[i] if per_type or hasattr(self.decoder, "rotary_emb_local") else None  # 4.57: a module per type
 
     def check_prunable(self) -> None:
         """Raise if this model has a feature the surgery cannot carry (overridden where needed)."""
