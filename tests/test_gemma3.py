@@ -270,3 +270,69 @@ def test_calibration_and_recovery_rows_start_with_bos(tmp_path):
     assert (plain[:, 0] != 1).all()
     packed = pack(["some text here"] * 20, _bos_tokenizer(), 12, seed=0)
     assert packed.shape[1] == 12 and packed[:, 0].tolist() == [1] * packed.shape[0]
+
+
+# --- export: the sliding window is in the graph, and validation checks a prompt longer than it ----------------------
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_export_puts_the_window_in_the_graph_and_validates_past_it(tmp_path, attention):
+    import onnx
+
+    from exporters import ExportOptions, export
+    from exporters.graph import GraphSpec
+
+    dense = save_tiny("gemma3-kv1", tmp_path / "dense")
+    result = export(str(dense), tmp_path / "pkg", ExportOptions(ratio=0.3, graph=GraphSpec(attention=attention)))
+    parity = result.manifest["parity"]
+    names = [s["name"] for s in parity["shapes"]]
+    assert "longer-than-window-8" in names and parity["ok"] and parity["max_abs_diff"] <= 1e-3
+    assert all(s["greedy_equal"] for s in parity["shapes"])
+    graph = onnx.load(tmp_path / "pkg" / "model.onnx", load_external_data=False)
+    windows = [next(a.i for a in n.attribute if a.name == "local_window_size")
+               for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    assert windows == ([8, -1, 8] if attention == "auto" else [])
+
+
+def test_the_window_matters_on_the_long_prompt():
+    """Without the sliding mask the long prompt's logits differ: validation on it would catch a window-less graph."""
+    from exporters.validate import prompts, sliding_window
+
+    model = tiny_model("gemma3-kv1")
+    assert sliding_window(model) == 8
+    long = prompts(None, 128, 8)[-1][1][0]
+    ids = torch.tensor([long])
+    from transformers import AutoModelForCausalLM
+
+    from .tiny import gemma3_config
+
+    config = gemma3_config(num_key_value_heads=1, sliding_window=1000)  # the same weights, no effective window
+    no_window = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    no_window.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        windowed, full = model(input_ids=ids).logits, no_window(input_ids=ids).logits
+    assert (windowed[0, :8] - full[0, :8]).abs().max() < 1e-5  # inside the window: the same
+    assert (windowed[0, 8:] - full[0, 8:]).abs().max() > 1e-2  # past it: not
+
+
+# --- the real Gemma-3-270M (amp-edge fetch gemma3-270m) --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_gemma3_270m_prune_load_and_bos(tmp_path):
+    from amp_edge.data.tokens import adds_bos
+    from amp_edge.models.fetch import fetched_path
+    from amp_edge.models.sources import load_model
+
+    if not fetched_path("gemma3-270m").is_file():
+        pytest.skip("run `amp-edge fetch gemma3-270m` first")
+    loaded = load_model("gemma3-270m")
+    adapter = get_adapter(loaded.model)
+    assert adds_bos(loaded.tokenizer)
+    assert [(s.num_heads, s.num_kv_heads) for s in adapter.shapes()] == [(4, 1)] * 18 and adapter.head_dim == 256
+    assert [adapter.sliding_window(i) for i in range(18)].count(512) == 15
+    with pytest.raises(InvalidOptionError, match="only KV head"):
+        prune("gemma3-270m", tmp_path / "g", _opts(gqa="group", criterion="random", heads="proportional", ratio=0.2))
+    result = prune("gemma3-270m", tmp_path / "pruned", _opts(ratio=0.2, heads=1, criterion="random"))
+    pruned = load_pruned(tmp_path / "pruned")
+    assert [len(lp.q_heads) for lp in result.plan.layers] == [3] * 18
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(logits(pruned, ids)).all()
