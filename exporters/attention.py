@@ -20,7 +20,7 @@ import torch.onnx.operators
 from torch import nn
 
 from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
-from amp_edge.models.compat import partial_rotary_factor, rope_type
+from amp_edge.models.compat import partial_rotary_factor, rope_type, rotary_call
 from amp_edge.errors import InvalidOptionError
 from amp_edge.memory import trim_heap
 
@@ -74,7 +74,7 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_len, cos, sin, num_heads, kv_heads, hd,
-                scale):
+                scale, window=-1):
         b, s, _ = query.shape
         if key is None:
             query, key, value = query.split([num_heads * hd, kv_heads * hd, kv_heads * hd], -1)
@@ -89,19 +89,22 @@ class _GroupQueryAttention(torch.autograd.Function):
         kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         scores = (q @ kk.transpose(-1, -2)) * scale
         causal = torch.arange(past + s)[None, :] <= pos[:, None]
+        if window >= 0:  # GQA's local_window_size: a query sees the last ``window`` keys, itself included
+            causal &= torch.arange(past + s)[None, :] > pos[:, None] - window
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         out = scores.softmax(-1) @ vv
         return out.transpose(1, 2).reshape(b, s, num_heads * hd), k, v
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_len, cos, sin, num_heads, kv_heads, hd, scale):
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_len, cos, sin, num_heads, kv_heads, hd, scale,
+                 window=-1):
         from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
 
         if key is None:
             key = value = _optional_input_placeholder_tensor(g)
         outs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total_len,
                     cos, sin, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, do_rotary_i=1,
-                    rotary_interleaved_i=0, local_window_size_i=-1, outputs=3)
+                    rotary_interleaved_i=0, local_window_size_i=window, outputs=3)
         outs[0].setType(query.type().with_sizes([None, None, num_heads * hd]))
         for out, past in zip(outs[1:], (past_key, past_value)):
             out.setType(past.type().with_sizes([None, kv_heads, None, hd]))
@@ -121,6 +124,7 @@ class GQAState:
 
     cos: torch.Tensor
     sin: torch.Tensor
+    tables: dict = field(default_factory=dict)  # layer type -> (cos, sin) where layer types have their own rope
     seqlens_k: torch.Tensor | None = None
     total_len: torch.Tensor | None = None
     presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -143,6 +147,11 @@ class GQAAttention(nn.Module):
         self.index, self.state = index, state
         self.num_heads, self.kv_heads = shape.num_heads, shape.num_kv_heads
         self.head_dim, self.scale = adapter.head_dim, float(attn.scaling)
+        # a sliding layer attends to its last ``window`` tokens, itself included: GQA's local_window_size, measured
+        # against transformers' mask (q - k < window) on a prompt longer than the window (tests/test_gemma3.py)
+        window = adapter.sliding_window(index)
+        self.local_window = window if window else -1
+        self.rope_type = adapter.rope_layer_type(index)
         self.num_key_value_groups = shape.group_size  # what adapters read to size the layer
         self.qkv_proj = attn.qkv_proj if hasattr(attn, "qkv_proj") else _pack([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = getattr(attn, adapter.o_name)
@@ -159,8 +168,10 @@ class GQAAttention(nn.Module):
             qkv = self.q_norm(q.reshape(b, s, self.num_heads, hd)).reshape(b, s, -1)
             key = self.k_norm(k.reshape(b, s, self.kv_heads, hd)).reshape(b, s, -1)
         past_k, past_v = st.pasts[self.index]
+        cos, sin = st.tables.get(self.rope_type, (st.cos, st.sin))
         out, present_k, present_v = _GroupQueryAttention.apply(qkv, key, value, past_k, past_v, st.seqlens_k, st.total_len,
-                                                                st.cos, st.sin, self.num_heads, self.kv_heads, hd, self.scale)
+                                                                cos, sin, self.num_heads, self.kv_heads, hd, self.scale,
+                                                                self.local_window)
         st.presents[self.index] = (present_k, present_v)
         return self.o_proj(out), None
 
@@ -198,13 +209,14 @@ def _pack(linears: list[nn.Linear]) -> nn.Linear:
     return out.eval()
 
 
-def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, rotary_dim / 2) cos and sin, from the model's own rotary module (scaling included)."""
-    rotary = get_adapter(model).decoder.rotary_emb
+def rotary_tables(model: nn.Module, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, rotary_dim / 2) cos and sin, from the model's own rotary module (scaling included); ``layer_type``
+    picks the tables of one layer type where types have their own rope (Gemma 3's local base)."""
+    rotary, kwargs = rotary_call(get_adapter(model).decoder, layer_type)
     positions = int(getattr(model.config, "max_position_embeddings", 4096))
     probe = torch.zeros(1, dtype=model.dtype)
     with torch.no_grad():
-        cos, sin = rotary(probe, torch.arange(positions)[None])
+        cos, sin = rotary(probe, torch.arange(positions)[None], **kwargs)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].to(model.dtype).contiguous(), sin[0, :, :half].to(model.dtype).contiguous()
 
@@ -217,8 +229,10 @@ def gqa_attention(model: nn.Module, layers: list[int], pack_mlp: bool = True):
         yield None
         return
     adapter = get_adapter(model)
-    cos, sin = rotary_tables(model)
-    state = GQAState(cos, sin)
+    types = sorted({adapter.rope_layer_type(i) for i in layers}, key=str)
+    tables = {t: rotary_tables(model, t) for t in types if t is not None}
+    cos, sin = tables[types[0]] if tables else rotary_tables(model)
+    state = GQAState(cos, sin, tables)
     originals = []  # (layer, attribute, module)
     try:
         for i in layers:

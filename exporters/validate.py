@@ -65,17 +65,37 @@ class Parity:
                 "shapes": [asdict(s) for s in self.shapes], "mismatches": self.mismatches}
 
 
-def prompts(tokenizer, vocab: int) -> list[tuple[str, list[list[int]]]]:
-    """Two shapes: a single prompt, and a batch of two prompts of different lengths (padded)."""
+LONG_TEXT = ("Small language models run on phones, boards and laptops. Pruning removes the attention heads and MLP "
+             "neurons that matter least, and the smaller model is exported to ONNX and checked against PyTorch. ")
+
+
+def prompts(tokenizer, vocab: int, longer_than: int | None = None) -> list[tuple[str, list[list[int]]]]:
+    """Two shapes: a single prompt, and a batch of two prompts of different lengths (padded). ``longer_than``: a
+    sliding window; a third shape, one prompt 24 tokens longer than it, checks what the window masks."""
+    out = None
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(min(4, vocab - 1), vocab, n).tolist()  # noqa: E731
     if tokenizer is not None:
         enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         single = [enc("The quick brown fox jumps over the lazy dog. Then it")]
         pair = [enc("Edge devices run small language models when"), enc("Pruning removes heads and")]
         if all(len(p) >= 3 for p in single + pair):
-            return [("single", single), ("padded-batch", pair)]
-    rng = np.random.default_rng(0)
-    ids = lambda n: rng.integers(min(4, vocab - 1), vocab, n).tolist()  # noqa: E731
-    return [("single", [ids(11)]), ("padded-batch", [ids(9), ids(6)])]
+            out = [("single", single), ("padded-batch", pair)]
+    out = out or [("single", [ids(11)]), ("padded-batch", [ids(9), ids(6)])]
+    if longer_than:
+        n = longer_than + 24
+        long = enc(LONG_TEXT * (n // 8 + 1)) if tokenizer is not None else []
+        out.append((f"longer-than-window-{longer_than}", [long[:n] if len(long) >= n else ids(n)]))
+    return out
+
+
+def sliding_window(model) -> int | None:
+    """The widest sliding window of any layer (None: every layer attends to the whole context)."""
+    from amp_edge.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    windows = [w for w in (adapter.sliding_window(i) for i in range(adapter.num_layers)) if w]
+    return max(windows) if windows else None
 
 
 PADDING = ("left", "right")
@@ -109,11 +129,30 @@ def reference(model, tokenizer=None, steps: int = GREEDY_STEPS, padding: str = "
     ``padding``: the side the graph supports (left for the plain attention graph, right with GQA layers)."""
     model = model.float().eval()
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    window = sliding_window(model)
     refs = []
-    for name, rows in prompts(tokenizer, model.config.vocab_size):
+    for name, rows in prompts(tokenizer, model.config.vocab_size, window):
         ids, mask = pad(rows, pad_id, padding)
-        refs.append(Reference(name, ids, mask, *_torch_greedy(model, ids, mask, steps)))
+        if window and padding == "right" and len(rows) > 1:
+            refs.append(Reference(name, ids, mask, *_rows_alone(model, rows, ids.shape[1], steps)))
+        else:
+            refs.append(Reference(name, ids, mask, *_torch_greedy(model, ids, mask, steps)))
     return refs
+
+
+def _rows_alone(model, rows: list[list[int]], width: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The right-padded batch's reference, row by row without padding. GQA keeps each row's tokens as a prefix of its
+    cache, so a sliding window covers the row's own last tokens; transformers counts the pad slots of a right-padded
+    row inside the window (its mask is by cache index), which is not what a row computes alone."""
+    tokens, logits = [], []
+    for row in rows:
+        t, lg = _torch_greedy(model, np.array([row]), np.ones((1, len(row)), dtype=np.int64), steps)
+        full = np.zeros((1, width + steps - 1, lg.shape[-1]), dtype=lg.dtype)
+        full[:, :len(row)] = lg[:, :len(row)]
+        full[:, width:] = lg[:, len(row):]
+        tokens.append(t)
+        logits.append(full)
+    return np.concatenate(tokens), np.concatenate(logits)
 
 
 def _torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:

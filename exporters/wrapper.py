@@ -61,15 +61,30 @@ def kv_layout(model: torch.nn.Module) -> KVLayout:
     return KVLayout(tuple(s.num_kv_heads for s in adapter.shapes()), adapter.head_dim)
 
 
-def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+def layer_type_windows(model: torch.nn.Module) -> dict[str, int | None] | None:
+    """{layer type: sliding window or None} for a model with sliding-window layers that takes one mask per layer
+    type (``config.layer_types``: Gemma 3, Qwen2 with use_sliding_window); None when one mask serves every layer."""
+    adapter = get_adapter(model)
+    types = getattr(model.config, "layer_types", None)
+    windows = [adapter.sliding_window(i) for i in range(adapter.num_layers)]
+    if not types or not any(windows):
+        return None
+    return dict(zip(types, windows))
+
+
+def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """(batch, 1, seq, total) mask: 0 where a query may attend (causal and not padding), dtype-min elsewhere.
+    ``window``: a sliding-window layer's mask, where a query also sees only the last ``window`` positions.
 
     Built here from plain tensor ops so the trace does not depend on transformers' mask helpers.
     """
     total = attention_mask.shape[1]
     q_pos = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
     k_pos = torch.arange(total, device=attention_mask.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, low)
@@ -83,6 +98,7 @@ class DecoderStep(torch.nn.Module):
         self.model = model
         self.num_layers = kv_layout(model).num_layers
         self.gqa = gqa
+        self.windows = layer_type_windows(model)  # one mask per layer type where some layers slide
         if gqa is not None:  # registered here so the graph's initializers get these names
             self.register_buffer("gqa_cos_cache", gqa.cos)
             self.register_buffer("gqa_sin_cache", gqa.sin)
@@ -91,7 +107,10 @@ class DecoderStep(torch.nn.Module):
         cache = cache_from_tensors(past)
         if self.gqa is not None:
             self.gqa.begin(attention_mask, past)
-        mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
+        if self.windows:
+            mask = {t: additive_mask(attention_mask, input_ids.shape[1], self.model.dtype, w) for t, w in self.windows.items()}
+        else:
+            mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         traced = cache_tensors(out.past_key_values)

@@ -7,11 +7,19 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from transformers import LlamaConfig, MistralConfig, PhiConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, PhiConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, intermediate_size=96, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def gemma3_config(num_key_value_heads: int = 2, sliding_window: int = 8) -> Gemma3TextConfig:
+    """Gemma 3 in small: sliding-window layers around a full one, their own rope bases, head_dim 32 != hidden/heads."""
+    return Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=num_key_value_heads, head_dim=32,
+                            sliding_window=sliding_window, query_pre_attn_scalar=32, rope_theta=1e6,
+                            rope_local_base_freq=1e4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            **COMMON)
 
 
 def _configs() -> dict:
@@ -24,6 +32,7 @@ def _configs() -> dict:
         "phi": PhiConfig(num_attention_heads=4, partial_rotary_factor=0.5, **COMMON),
         "phi3": Phi3Config(num_attention_heads=4, num_key_value_heads=4, **COMMON),
         "phi3-gqa": Phi3Config(num_attention_heads=8, num_key_value_heads=2, partial_rotary_factor=0.75, **COMMON),
+        "gemma3": gemma3_config(),
     }
 
 
@@ -33,6 +42,7 @@ GQA_CONFIGS = {
     "llama-gqa": lambda: LlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=16, **COMMON),
     "qwen2-gqa": lambda: Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),  # q/k/v biases
     "qwen3-gqa": lambda: Qwen3Config(num_attention_heads=6, num_key_value_heads=2, head_dim=16, **COMMON),
+    "gemma3-kv1": lambda: gemma3_config(num_key_value_heads=1),  # Gemma-3-270M's shape: 4 query heads, 1 KV head
     "phi3-gqa32": lambda: Phi3Config(num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5, **COMMON),
 }
 

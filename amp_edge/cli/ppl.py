@@ -23,6 +23,8 @@ def ppl(
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the file."),
     dtype: WeightDtype = typer.Option("float32", help="Weights dtype."),
     device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", show_default=False,
+                                       help="Start every window with BOS (default: where the tokenizer adds one)."),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout."),
 ):
     """Perplexity of a model on a text file (sliding window)."""
@@ -31,8 +33,9 @@ def ppl(
 
     text = read_eval_text(data)
     loaded = load_model(model, dtype=value(dtype), device_map=device_map)
-    result = perplexity(loaded.model, loaded.tokenizer, text, window, stride, max_tokens)
+    result = perplexity(loaded.model, loaded.tokenizer, text, window, stride, max_tokens, bos=bos)
     if as_json:
         print(json.dumps({"model": model, "data": str(data), **result.to_dict()}))
     else:
-        out.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens (window {result.window}, stride {result.stride})")
+        out.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens (window {result.window}, stride {result.stride}"
+                  f"{', BOS first' if result.bos else ''})")

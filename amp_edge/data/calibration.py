@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from amp_edge.models.adapters import get_adapter
 from amp_edge.data.text import TextSource, read_documents, record_text
+from amp_edge.data.tokens import bos_prefix
 from amp_edge.errors import CalibrationError, InvalidOptionError
 from amp_edge.memory import heap_for_growing_cache
 
@@ -51,7 +52,7 @@ def calibration_batches(spec: CalibrationSpec, model, tokenizer) -> list[torch.T
     if spec.source == SELF:
         rows = self_generated(model, tokenizer, spec)
     else:
-        rows = _chunk(_tokenize(read_texts(spec), tokenizer, spec.seed), spec)
+        rows = _chunk(_tokenize(read_texts(spec), tokenizer, spec.seed), spec, bos_prefix(tokenizer))
     return list(rows.split(spec.batch_size))
 
 
@@ -92,13 +93,16 @@ def _tokenize(texts: list[str], tokenizer, seed: int) -> list[int]:
     return stream
 
 
-def _chunk(stream: list[int], spec: CalibrationSpec) -> torch.Tensor:
-    n = min(spec.num_samples, len(stream) // spec.seq_len)
+def _chunk(stream: list[int], spec: CalibrationSpec, prefix: list[int] = ()) -> torch.Tensor:
+    """Rows of ``spec.seq_len`` tokens, each ``prefix`` (BOS where the tokenizer adds one) then the stream's next tokens."""
+    span = spec.seq_len - len(prefix)
+    n = min(spec.num_samples, len(stream) // span)
     if n == 0:
         raise CalibrationError(f"calibration source {spec.source!r} has {len(stream)} tokens, fewer than one sample of {spec.seq_len}")
     if n < spec.num_samples:
         log.warning("calibration source %s yields %d samples of %d tokens, not %d", spec.source, n, spec.seq_len, spec.num_samples)
-    return torch.tensor(stream[: n * spec.seq_len], dtype=torch.long).reshape(n, spec.seq_len)
+    rows = torch.tensor(stream[: n * span], dtype=torch.long).reshape(n, span)
+    return torch.cat([torch.tensor([list(prefix)] * n, dtype=torch.long).reshape(n, len(prefix)), rows], dim=1)
 
 
 def generate_rows(model, seq_len: int) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from amp_edge.data.calibration import SELF, CalibrationSpec, read_texts, self_generated
 from amp_edge.data.text import TextSource, read_documents
+from amp_edge.data.tokens import bos_prefix
 from amp_edge.errors import CalibrationError, RecoveryError
 
 # The Alpaca template (as the LLM-Pruner / AMP LoRA recipe formats its recovery data).
@@ -86,10 +87,13 @@ def pack(texts: list[str], tokenizer, seq_len: int, seed: int, source: str = "")
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream += list(ids) + sep
-    n = len(stream) // seq_len
+    prefix = bos_prefix(tokenizer)  # every row starts with BOS where the tokenizer adds one
+    span = seq_len - len(prefix)
+    n = len(stream) // span
     if n == 0:
         raise RecoveryError(f"recovery data {source!r} has {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    rows = torch.tensor(stream[: n * span], dtype=torch.long).reshape(n, span)
+    return torch.cat([torch.tensor([prefix] * n, dtype=torch.long).reshape(n, len(prefix)), rows], dim=1)
 
 
 def recovery_rows(texts: list[str] | None, tokenizer, seq_len: int, seed: int, source: str = "",

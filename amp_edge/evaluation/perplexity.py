@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amp_edge.data.text import TextSource, read_text
+from amp_edge.data.tokens import bos_prefix
 from amp_edge.errors import DataError, InvalidOptionError
 
 EVAL_TEXT = TextSource("text", DataError)
@@ -22,6 +23,8 @@ class PerplexityResult:
     tokens: int  # tokens scored
     window: int
     stride: int
+    bos: bool = False  # each window started with the BOS token
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,12 +39,16 @@ def read_eval_text(path: str | Path) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | None = None,
-               max_tokens: int | None = None, forward=None, context: int | None = None) -> PerplexityResult:
+               max_tokens: int | None = None, forward=None, context: int | None = None,
+               bos: bool | None = None) -> PerplexityResult:
     """Each window sees up to ``window`` tokens and scores only the ``stride`` new ones past the previous window.
 
     stride == window gives disjoint windows; a smaller stride gives every scored token more context.
     ``forward(ids (1, T)) -> logits (1, T, vocab)`` replaces the PyTorch model (e.g. an ONNX package's graph).
     ``context``: the model's positions (default: its config's max_position_embeddings); a longer window is refused.
+    ``bos``: start every window with the BOS token (None: where the tokenizer adds one, amp_edge.data.tokens). The
+    window then holds BOS and ``window - 1`` text tokens (stride at most that), and the text's first token is scored
+    too, with BOS as its context; BOS itself is never scored.
     """
     stride = stride or window
     if window < 2 or not 0 < stride <= window:
@@ -55,14 +62,18 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise DataError("text has fewer than 2 tokens")
+    prefix = torch.tensor(bos_prefix(tokenizer, bos), dtype=ids.dtype)
+    span = window - prefix.numel()  # text tokens per window
+    stride = min(stride, span)
     if forward is None:
         device = next(model.parameters()).device
         forward = lambda chunk: model(input_ids=chunk.to(device), use_cache=False).logits  # noqa: E731
     nll_sum, scored, prev_end = 0.0, 0, 0
-    for begin in tqdm(range(0, ids.numel() - 1, stride), desc="perplexity", unit="window", leave=False):
-        end = min(begin + window, ids.numel())
-        new = end - max(prev_end, begin + 1)  # tokens not scored before; the first token has no context
-        chunk = ids[begin:end].unsqueeze(0)
+    first = 1 - prefix.numel()  # the first text token has context only after a BOS
+    for begin in tqdm(range(0, ids.numel() - first, stride), desc="perplexity", unit="window", leave=False):
+        end = min(begin + span, ids.numel())
+        new = end - max(prev_end, begin + first)  # tokens not scored before
+        chunk = torch.cat([prefix, ids[begin:end]]).unsqueeze(0)
         logits = forward(chunk)[0, -new - 1 : -1].float().cpu()
         nll_sum += torch.nn.functional.cross_entropy(logits, chunk[0, -new:], reduction="sum").item()
         scored += new
@@ -70,4 +81,4 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         if end == ids.numel():
             break
     nll = nll_sum / scored
-    return PerplexityResult(math.exp(nll), nll, scored, window, stride)
+    return PerplexityResult(math.exp(nll), nll, scored, window, stride, bool(prefix.numel()))

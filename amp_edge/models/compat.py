@@ -69,6 +69,16 @@ def partial_rotary_factor(config) -> float:
     return float(value if value is not None else 1.0)
 
 
+def rotary_call(decoder, layer_type: str | None = None):
+    """(module, keywords) computing the rotary tables of ``layer_type``: 5.x's Gemma 3 has one rotary module called
+    with ``layer_type``; 4.57's has ``rotary_emb`` (global) and ``rotary_emb_local`` (sliding layers)."""
+    if layer_type is None:
+        return decoder.rotary_emb, {}
+    if hasattr(decoder, "rotary_emb_local"):
+        return (decoder.rotary_emb_local if layer_type == "sliding_attention" else decoder.rotary_emb), {}
+    return decoder.rotary_emb, {"layer_type": layer_type}
+
+
 def cache_from_tensors(past) -> object:
     """A DynamicCache holding layer i's (key, value) = past[2i], past[2i + 1]."""
     from transformers import DynamicCache
@@ -105,20 +115,23 @@ def _relaxed_architecture_check(cls):
     return validate_architecture
 
 
-def _llama_config_class():
-    try:
-        from transformers import LlamaConfig
-    except ImportError:  # pragma: no cover
-        return None
-    validators = getattr(LlamaConfig, "__class_validators__", None)
-    if validators is None or not any(v.__name__ == "validate_architecture" for v in validators):
-        return None  # 4.57 (no strict validation) or a 5.x that dropped the rule
-    return LlamaConfig
+def _strict_config_classes() -> list:
+    """The 5.x config classes whose validate_architecture refuses hidden_size % num_attention_heads != 0 although
+    their attention is sized by head_dim: LlamaConfig, and Gemma3TextConfig (which checks it even with head_dim set)."""
+    import transformers
+
+    out = []
+    for name in ("LlamaConfig", "Gemma3TextConfig"):
+        cls = getattr(transformers, name, None)
+        validators = getattr(cls, "__class_validators__", None)
+        if validators is not None and any(v.__name__ == "validate_architecture" for v in validators):
+            out.append(cls)  # absent on 4.57 (no strict validation) or on a 5.x that dropped the rule
+    return out
 
 
 @contextlib.contextmanager
 def pruned_heads_allowed():
-    """While the block runs, transformers 5's LlamaConfig accepts num_attention_heads * head_dim != hidden_size.
+    """While the block runs, transformers 5's LlamaConfig (and Gemma3TextConfig) accepts num_attention_heads * head_dim != hidden_size.
 
     A uniform head-pruned Llama checkpoint keeps the standard config fields (num_attention_heads, head_dim
     explicit) so that plain transformers 4.57 loads it and the format does not depend on the transformers that
@@ -130,15 +143,16 @@ def pruned_heads_allowed():
     still refuses such a checkpoint (a clear ValueError, never a wrong model). Re-entrant; a no-op on 4.57.
     """
     global _depth, _saved
-    cls = _llama_config_class()
-    if cls is None:
+    classes = _strict_config_classes()
+    if not classes:
         yield
         return
     with _lock:
         if _depth == 0:
-            _saved = list(cls.__class_validators__)
-            relaxed = _relaxed_architecture_check(cls)
-            cls.__class_validators__ = [relaxed if v.__name__ == "validate_architecture" else v for v in _saved]
+            _saved = [list(cls.__class_validators__) for cls in classes]
+            for cls, saved in zip(classes, _saved):
+                relaxed = _relaxed_architecture_check(cls)
+                cls.__class_validators__ = [relaxed if v.__name__ == "validate_architecture" else v for v in saved]
         _depth += 1
     try:
         yield
@@ -146,7 +160,8 @@ def pruned_heads_allowed():
         with _lock:
             _depth -= 1
             if _depth == 0:
-                cls.__class_validators__ = _saved
+                for cls, saved in zip(classes, _saved):
+                    cls.__class_validators__ = saved
                 _saved = None
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 from amp_edge.models import gguf_cache
-from amp_edge.errors import InvalidOptionError, ModelLoadError, ModelNotFoundError
+from amp_edge.errors import InvalidOptionError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
+from amp_edge.models.adapters import gguf_architectures
+from amp_edge.models.fetch import FETCHABLE, fetched_path
+from amp_edge.models.gguf_header import metadata
 from amp_edge.models.checkpoint import PLAN_FILE, check_safetensors, is_per_layer, load_pruned
 from amp_edge.models.compat import detach_gguf_quantizer, gguf_load_kwargs, pruned_heads_allowed
 from amp_edge.models.dtypes import torch_dtype
@@ -56,6 +59,12 @@ def resolve(source: str) -> dict:
             raise ModelNotFoundError(f"embedded model {source!r} needs its package: {emb.install}")
         folder = Path(list(spec.submodule_search_locations)[0])
         return {"name": source, "kind": "gguf", "path": str(folder), "gguf_file": emb.filename}
+    if source in FETCHABLE:  # assembled from chunk packages by `amp-edge fetch` (amp_edge.models.fetch)
+        path = fetched_path(source)
+        if not path.is_file():
+            raise ModelNotFoundError(f"model {source!r} is not fetched yet: run `amp-edge fetch {source}` "
+                                     f"(downloads {FETCHABLE[source].size >> 20} MB of chunk packages)")
+        return {"name": source, "kind": "gguf", "path": str(path.parent), "gguf_file": path.name}
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -69,7 +78,7 @@ def resolve(source: str) -> dict:
         raise ModelNotFoundError(f"{source} is a file but not a .gguf model")
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return {"name": source, "kind": "hub", "path": source}
-    known = ", ".join(EMBEDDED)
+    known = ", ".join([*EMBEDDED, *FETCHABLE])
     raise ModelNotFoundError(f"model not found: {source!r} (not a path, a hub id 'org/name', or one of: {known})")
 
 
@@ -111,6 +120,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
             model = _guard(lambda: AutoModelForCausalLM.from_pretrained(cached, dtype=td, use_safetensors=True), source)
             tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(cached), source)
             return LoadedModel(model.eval(), tokenizer, where)
+        check_gguf_architecture(Path(where["path"]) / where["gguf_file"])
     kwargs = {"dtype": td, "trust_remote_code": trust_remote_code}
     if where["kind"] == "gguf":
         kwargs |= {"gguf_file": where["gguf_file"], **gguf_load_kwargs()}
@@ -130,6 +140,17 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
         gguf_cache.store(Path(where["path"]) / where["gguf_file"], dtype, model, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, where)
+
+
+def check_gguf_architecture(gguf: Path) -> str:
+    """The model_type a GGUF file loads as; refuses an unsupported architecture from its header, before the
+    dequantize and load (minutes, and a gigabyte-sized safetensors copy in the model cache)."""
+    arch = metadata(gguf, "general.architecture")
+    supported = gguf_architectures()
+    if arch not in supported:
+        raise UnsupportedArchitectureError(f"{gguf.name}: GGUF architecture {arch!r} is not supported "
+                                           f"(supported: {', '.join(sorted(supported))}); nothing was loaded or cached")
+    return supported[arch]
 
 
 def _require_safetensors(folder: Path) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from amp_edge.models.adapters import get_adapter, supported_model_types
+from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
 from amp_edge.pruning import distributed
 from amp_edge.pruning.allocation import check_options
 from amp_edge.data.calibration import SELF, CalibrationSpec, calibration_batches, generate_rows
 from amp_edge.io import check_output
 from amp_edge.models.checkpoint import save_pruned
-from amp_edge.errors import InvalidOptionError, UnsupportedArchitectureError
+from amp_edge.errors import InvalidOptionError
 from amp_edge.memory import release_memory
 from amp_edge.pruning.plan import PruningPlan
 from amp_edge.recovery.budget import apply_budget, plan_budget, source_params
@@ -295,6 +295,4 @@ def _precheck_architecture(source: str) -> None:
     except (OSError, json.JSONDecodeError):
         return
     if model_type not in supported_model_types():
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
+        adapter_class(model_type)  # raises: the family's own line where it has one, else the supported list

@@ -60,6 +60,16 @@ def feasible_head_units(adapter: Adapter, scores: list[LayerScores], ratio: floa
     return plans
 
 
+def check_group_mode(adapter: Adapter) -> None:
+    """--gqa group removes whole KV groups: refuse it where the only KV head of a layer would be the unit to go."""
+    single = [(i, s) for i, s in enumerate(adapter.shapes()) if s.num_kv_heads == 1 and s.num_heads > 1]
+    if single:
+        i, s = single[0]
+        raise InvalidOptionError(
+            f"--gqa group would remove the only KV head of layer {i} ({s.num_heads} query heads share 1 KV head, "
+            f"{len(single)} layer(s) like it); use --gqa query (query heads inside the group) or --heads 0 (MLP only)")
+
+
 def split_plan(adapter: Adapter, scores: list[LayerScores], heads: str | int, ratio: float, allocation: str, gqa: str,
                min_keep: float, normalization: str, batches: Iterable[torch.Tensor] = (),
                losses: Callable[[dict[int, PruningPlan], list[torch.Tensor]], dict[int, float]] | None = None) -> PruningPlan:
@@ -70,6 +80,8 @@ def split_plan(adapter: Adapter, scores: list[LayerScores], heads: str | int, ra
     bounded here, then shared among torchrun ranks.
     """
     rule = parse_heads(heads)
+    if gqa == "group" and rule != 0:
+        check_group_mode(adapter)
     if rule == "proportional":
         plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization)
         plan.head_split = {"rule": "proportional", "heads_removed": _heads_removed(plan)}

@@ -15,6 +15,7 @@ from torch import nn
 from amp_edge.errors import UnsupportedArchitectureError
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+_REFUSED: dict[str, str] = {}  # model types with no adapter on purpose, and the line that says why
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -23,13 +24,25 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
+def refuse(model_type: str, why: str) -> None:
+    """Name a model type that must be refused with its own message (not the generic list)."""
+    _REFUSED[model_type] = why
+
+
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def gguf_architectures() -> dict[str, str]:
+    """GGUF ``general.architecture`` -> model_type, for every supported family."""
+    return {cls.gguf_arch or t: t for t, cls in _REGISTRY.items()}
 
 
 def adapter_class(model_type: str | None) -> type[Adapter]:
     """The registered adapter of ``model_type``; a miss lists the supported types."""
     cls = _REGISTRY.get(model_type)
+    if cls is None and model_type in _REFUSED:
+        raise UnsupportedArchitectureError(_REFUSED[model_type])
     if cls is None:
         raise UnsupportedArchitectureError(
             f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
@@ -134,6 +147,7 @@ class Adapter:
     # Export traits: what the exporters need to know of the family, kept here so no per-family table lives elsewhere.
     gqa_export: ClassVar[bool] = True  # attention maps onto ONNX Runtime's GroupQueryAttention (Llama's q/k/v layout)
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type name ("" = model_type)
+    gguf_arch: ClassVar[str] = ""  # the GGUF file's general.architecture ("" = model_type)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -230,6 +244,21 @@ class Adapter:
         setattr(mlp, self.mlp_out_name, keep_cols(self.down_proj(i), idx))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(neurons)
+
+    def sliding_window(self, i: int) -> int | None:
+        """Layer i's attention window in tokens (a key at distance >= window is masked), None for full attention."""
+        window = getattr(self.attention(i), "sliding_window", None)
+        return int(window) if window else None
+
+    def rope_layer_type(self, i: int) -> str | None:
+        """Layer i's type (``config.layer_types``) when layer types have their own rotary tables (Gemma 3's local
+        rope base), else None: one table serves every layer."""
+        types = getattr(self.config, "layer_types", None)
+        if not types:
+            return None
+        params = getattr(self.config, "rope_parameters", None)  # 5.x: one dict per layer type
+        per_type = isinstance(params, dict) and isinstance(params.get(types[i]), dict)
+        return types[i] if per_type or hasattr(self.decoder, "rotary_emb_local") else None  # 4.57: a module per type
 
     def check_prunable(self) -> None:
         """Raise if this model has a feature the surgery cannot carry (overridden where needed)."""
