@@ -40,7 +40,10 @@ class OnnxDecoder:
         if not model.is_file():
             raise PackageError(f"{path} has no {MODEL_FILE}; not an exported package")
         try:
-            self.session = ort.InferenceSession(str(model), sess_options=options or session_options(), providers=list(providers))
+            options = options or session_options()
+            # options that carry plugin EP devices (add_provider_for_devices) choose the providers themselves
+            chosen = None if options.has_providers() else list(providers)
+            self.session = ort.InferenceSession(str(model), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own untyped exceptions for unreadable graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PackageError(f"cannot load {model}: {first}") from None
