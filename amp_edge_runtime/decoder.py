@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from amp_edge_runtime.errors import PackageError
+from amp_edge_runtime.errors import PackageError, ProviderError
 from amp_edge_runtime.providers import apply as apply_provider
 from amp_edge_runtime.session import session_options
 
@@ -51,6 +51,8 @@ class OnnxDecoder:
             self.session = ort.InferenceSession(str(model), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own untyped exceptions for unreadable graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "EP_FAIL" in first and self.provider not in ("cpu", "cuda"):  # the plugin's device did not start
+                raise ProviderError(f"provider {self.provider} cannot start on this machine: {first[-300:]}") from None
             raise PackageError(f"cannot load {model}: {first}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - set(inputs)
