@@ -55,8 +55,9 @@ def test_openvino_computes_what_cpu_computes(packages, name):
     assert placed["OpenVINOExecutionProvider"]["ops"]["MatMul"] >= 3 * 4
     if name == "gqa":  # OpenVINO has no GroupQueryAttention: each layer's attention falls back to the CPU provider
         assert placed["CPUExecutionProvider"]["ops"] == {"GroupQueryAttention": 3}
-    else:  # the plain attention graph runs entirely in OpenVINO
-        assert "CPUExecutionProvider" not in placed or placed["CPUExecutionProvider"]["nodes"] <= 2
+    else:  # the plain attention graph (RotaryEmbedding included) runs entirely in OpenVINO, as one subgraph
+        assert list(placed) == ["OpenVINOExecutionProvider"] and placed["OpenVINOExecutionProvider"]["subgraphs"] == 1
+        assert placed["OpenVINOExecutionProvider"]["ops"]["RotaryEmbedding"] == 6
 
 
 def test_openvino_int4_bounds_and_validate_cli(packages):
