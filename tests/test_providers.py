@@ -99,3 +99,13 @@ def test_webgpu_software_adapter_error_is_one_line(packages, monkeypatch):
         else:
             pytest.skip("a WebGPU device exists here (a GPU)")
     assert providers.WEBGPU_SOFTWARE in str(info.value)
+
+
+def test_bench_runs_on_openvino(packages):
+    _openvino()
+    from runtime_bench.bench import BenchSpec, run_bench
+
+    report = run_bench([str(packages["gqa"])], BenchSpec("openvino", None, (8,), 4, 1, 1, 0))
+    assert report["environment"]["provider"] == "openvino"
+    row = report["rows"][0]
+    assert len(row["samples"]) == 1 and len(row["samples"][0]["decode_ms"]) == 3 and row["decode_ms_p50"] > 0
