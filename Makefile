@@ -28,8 +28,9 @@ define make_venv
 	touch $@
 endef
 
+# dev,openvino,webgpu: the cross-provider tests (tests/test_providers.py) run CPU against the OpenVINO plugin EP
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(call make_venv,$(VENV),constraints.txt,dev)
+	$(call make_venv,$(VENV),constraints.txt,dev$(comma)openvino$(comma)webgpu)
 
 $(VENV_TF4)/.installed: pyproject.toml constraints-tf4.txt
 	$(call make_venv,$(VENV_TF4),constraints-tf4.txt,dev$(comma)optimum)

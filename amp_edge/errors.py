@@ -3,7 +3,7 @@
 One hierarchy: every class here derives from ``AmpEdgeError``, which lives in the torch-free runtime package."""
 
 
-from amp_edge_runtime.errors import AmpEdgeError, BenchError, PackageError  # noqa: F401  (the root lives torch-free)
+from amp_edge_runtime.errors import AmpEdgeError, BenchError, PackageError, ProviderError, ProviderMismatchError  # noqa: F401  (the root lives torch-free)
 
 
 class ModelNotFoundError(AmpEdgeError):

@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from amp_edge_runtime.errors import PackageError
+from amp_edge_runtime.errors import PackageError, ProviderError
+from amp_edge_runtime.providers import apply as apply_provider
 from amp_edge_runtime.session import session_options
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -32,17 +33,26 @@ class OnnxDecoder:
     """One inference session over a decoder graph with inputs input_ids/attention_mask/position_ids/past_*."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 options: ort.SessionOptions | None = None, share_buffer: bool | None = None):
-        """``share_buffer``: decode into one max-length cache buffer bound as both past and present (GroupQueryAttention
+                 options: ort.SessionOptions | None = None, share_buffer: bool | None = None, provider: str | None = None):
+        """``provider``: a short name (cpu, cuda, openvino, webgpu; see amp_edge_runtime.providers) that replaces
+        ``providers``; a missing one is a ProviderError. ``share_buffer``: decode into one max-length cache buffer bound as both past and present (GroupQueryAttention
         writes each new key in place); None: what the package's genai_config.json says (true for all-GQA graphs)."""
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
             raise PackageError(f"{path} has no {MODEL_FILE}; not an exported package")
+        options = options or session_options()
+        if provider is not None:
+            providers = apply_provider(options, provider) or ()
+        self.provider = provider or ("cuda" if list(providers)[:1] == ["CUDAExecutionProvider"] else "cpu")
         try:
-            self.session = ort.InferenceSession(str(model), sess_options=options or session_options(), providers=list(providers))
+            # options that carry plugin EP devices (add_provider_for_devices) choose the providers themselves
+            chosen = None if options.has_providers() else list(providers)
+            self.session = ort.InferenceSession(str(model), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own untyped exceptions for unreadable graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "EP_FAIL" in first and self.provider not in ("cpu", "cuda"):  # the plugin's device did not start
+                raise ProviderError(f"provider {self.provider} cannot start on this machine: {first[-300:]}") from None
             raise PackageError(f"cannot load {model}: {first}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - set(inputs)

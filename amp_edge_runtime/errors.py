@@ -18,3 +18,13 @@ class PackageError(AmpEdgeError):
 
 class BenchError(AmpEdgeError):
     """Bad benchmark input: an unknown provider, a count out of range, an unreadable bench.json."""
+
+
+class ProviderError(AmpEdgeError):
+    """An execution provider that is unknown, not installed, or has no device here."""
+
+
+class ProviderMismatchError(AmpEdgeError):
+    """A provider computes something else than the CPU provider on the same package (amp-edge validate)."""
+
+    exit_code = 1

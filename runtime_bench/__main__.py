@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime_bench", description="Latency and memory of ONNX packages (torch-free).")
     p.add_argument("packages", nargs="+", help="package folders; the first is the baseline for ratios")
     p.add_argument("--out", required=True, type=Path, help="folder for bench.json and bench.md")
-    p.add_argument("--provider", default="cpu", help="cpu | cuda")
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | openvino | webgpu (plugin EPs: pip install amp-edge[openvino] or [webgpu])")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--prompt-len", default="128,512", help="prompt lengths, comma-separated")
     p.add_argument("--gen-len", type=int, default=64)

@@ -17,7 +17,9 @@ import numpy as np
 
 from amp_edge_runtime.errors import BenchError
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from amp_edge_runtime.providers import BUILTIN, PLUGINS
+
+PROVIDERS = {**BUILTIN, **{name: p.ep_name for name, p in PLUGINS.items()}}
 
 
 @dataclass
@@ -109,13 +111,13 @@ def _onnx_worker(conn, path: str, provider: str, threads: int | None) -> None:
     import os
 
     from amp_edge_runtime.decoder import OnnxDecoder, StepTimes
-    from amp_edge_runtime.errors import PackageError
+    from amp_edge_runtime.errors import PackageError, ProviderError
     from amp_edge_runtime.session import session_options
     from runtime_bench.hardware import gpu_memory_bytes, peak_rss_bytes
 
     try:
-        decoder = OnnxDecoder(path, providers=[PROVIDERS[provider]], options=session_options(threads))
-    except (PackageError, OSError) as e:
+        decoder = OnnxDecoder(path, options=session_options(threads), provider=provider)
+    except (PackageError, ProviderError, OSError) as e:
         conn.send(("error", str(e)))
         return
     conn.send(("ready", {"providers": decoder.session.get_providers(), "peak_rss": peak_rss_bytes()}))
@@ -278,7 +280,11 @@ def run_bench(packages: list[str], spec: BenchSpec, torch_reference: bool = Fals
 
     spec.check()
     available = available_providers()
-    if PROVIDERS[spec.provider] not in available:
+    if spec.provider in PLUGINS:
+        from amp_edge_runtime.providers import devices
+
+        devices(spec.provider)  # a missing plugin package or device: one ProviderError line before any worker starts
+    elif PROVIDERS[spec.provider] not in available:
         raise BenchError(f"provider {spec.provider} is not available here (ONNX Runtime has: {', '.join(available)}); "
                          "install onnxruntime-gpu on a machine with a GPU")
     infos = {p: check_package(p) for p in packages}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from amp_edge.cli import bench, evaluate, export, fetch, ppl, prune  # noqa: F401  (each registers its command)
+from amp_edge.cli import bench, evaluate, export, fetch, ppl, prune, validate  # noqa: F401  (each registers its command)
 from amp_edge.cli.app import app
 
 __all__ = ["app", "run"]

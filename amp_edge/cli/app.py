@@ -40,7 +40,9 @@ class OneLineErrors(TyperGroup):
 
 
 def print_error(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    from rich.markup import escape  # messages carry user values such as "amp-edge[openvino]": not markup
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",

@@ -20,7 +20,7 @@ _OUT = "Output"
 @friendly
 def bench(
     packages: Optional[list[str]] = typer.Argument(None, help="Package folders; the first is the baseline for ratios."),
-    provider: Provider = typer.Option("cpu", help="Execution provider (cuda needs onnxruntime-gpu and a GPU).", rich_help_panel=_RUN),
+    provider: Provider = typer.Option("cpu", help="Execution provider (cuda needs onnxruntime-gpu and a GPU; openvino and webgpu the [openvino]/[webgpu] extras).", rich_help_panel=_RUN),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: ONNX Runtime's choice).", rich_help_panel=_RUN),
     prompt_len: str = typer.Option("128,512", help="Prompt lengths, comma-separated.", rich_help_panel=_RUN),
     gen_len: int = typer.Option(64, help="New tokens per run.", rich_help_panel=_RUN),

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from amp_edge.cli.app import app, flag, friendly, print_text
-from amp_edge.cli.choices import WeightDtype, value
+from amp_edge.cli.choices import Provider, WeightDtype, value
 from amp_edge.models.sources import DEFAULT_MODEL
 
 _WIKI = "WikiText-2"
@@ -29,6 +29,7 @@ def eval_cmd(
     batch_size: int = typer.Option(8, help="Requests per forward pass."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     dtype: WeightDtype = typer.Option("float32", help="PyTorch sources: weights dtype."),
+    provider: Provider = typer.Option("cpu", help="ONNX packages: execution provider."),
     window: int = typer.Option(1024, help="Tokens each forward pass sees.", rich_help_panel=_WIKI),
     stride: Optional[int] = typer.Option(None, help="Tokens scored per window (default: window).", rich_help_panel=_WIKI),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of test.txt.", rich_help_panel=_WIKI),
@@ -41,7 +42,7 @@ def eval_cmd(
     from amp_edge.evaluation.run import EvalSpec, evaluate
     from amp_edge.io import check_output
 
-    spec = EvalSpec(tasks, limit, data_dir, batch_size, window, stride, max_tokens, threads)
+    spec = EvalSpec(tasks, limit, data_dir, batch_size, window, stride, max_tokens, threads, provider=value(provider))
     spec.check()
     if out is not None:
         check_output(out, overwrite)

@@ -35,14 +35,14 @@ def load_package_tokenizer(folder: Path):
 
 
 class OnnxLM(TemplateLM):
-    def __init__(self, package: str | Path, batch_size: int = 4, threads: int | None = None):
+    def __init__(self, package: str | Path, batch_size: int = 4, threads: int | None = None, provider: str = "cpu"):
         super().__init__()
         from amp_edge_runtime.decoder import OnnxDecoder
         from amp_edge_runtime.session import session_options
 
         self.folder = Path(package)
         self.tokenizer = load_package_tokenizer(self.folder)
-        self.decoder = OnnxDecoder(self.folder, options=session_options(threads))
+        self.decoder = OnnxDecoder(self.folder, options=session_options(threads), provider=provider)
         config = self.folder / "config.json"
         cfg = json.loads(config.read_text()) if config.is_file() else {}
         self.max_length = int(cfg.get("max_position_embeddings") or DEFAULT_MAX_LENGTH)

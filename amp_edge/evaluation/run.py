@@ -28,6 +28,7 @@ class EvalSpec:
     max_tokens: int | None = None  # WikiText-2: score only the first N tokens of test.txt
     threads: int | None = None
     seed: int = 1234
+    provider: str = "cpu"  # ONNX packages: the execution provider (amp_edge_runtime.providers)
 
     def check(self) -> None:
         self.tasks = parse_tasks(self.tasks)
@@ -146,7 +147,7 @@ class _OnnxModel:
     def __init__(self, source: str, spec: EvalSpec):
         from amp_edge.evaluation.onnx_lm import OnnxLM
 
-        self.lm = OnnxLM(source, batch_size=spec.batch_size, threads=spec.threads)
+        self.lm = OnnxLM(source, batch_size=spec.batch_size, threads=spec.threads, provider=spec.provider)
         manifest = Path(source) / "amp_edge.json"
         self.params = json.loads(manifest.read_text()).get("params", {}).get("after") if manifest.is_file() else None
 
@@ -168,7 +169,11 @@ def _load(source: str, spec: EvalSpec, dtype: str) -> _TorchModel | _OnnxModel:
         import torch
 
         torch.set_num_threads(spec.threads)
-    return _OnnxModel(source, spec) if is_onnx_package(source) else _TorchModel(source, spec, dtype)
+    if is_onnx_package(source):
+        return _OnnxModel(source, spec)
+    if spec.provider != "cpu":
+        raise InvalidOptionError(f"--provider {spec.provider} runs ONNX packages only; {source} is a PyTorch model")
+    return _TorchModel(source, spec, dtype)
 
 
 def _version(module: str) -> str | None:

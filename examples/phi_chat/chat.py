@@ -20,7 +20,7 @@ try:
     from tokenizers import Tokenizer
 
     from amp_edge_runtime.decoder import OnnxDecoder
-    from amp_edge_runtime.errors import PackageError
+    from amp_edge_runtime.errors import PackageError, ProviderError
 except ImportError as e:  # a device without the runtime: say what to install, not a traceback
     sys.exit(f"error: {e.name} is missing; pip install onnxruntime numpy tokenizers jinja2 "
              "(and copy amp_edge_runtime/ next to chat.py)")
@@ -35,7 +35,7 @@ class ChatError(Exception):
 class ChatPackage:
     """What the app needs from a package folder: the decoder, the tokenizer, the chat template, the stop tokens."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, provider: str = "cpu"):
         folder = Path(folder)
         if not (folder / "model.onnx").is_file():
             what = "does not exist" if not folder.exists() else "is not an exported package (no model.onnx)"
@@ -54,8 +54,8 @@ class ChatPackage:
         self.eos = sorted({i for f in ("generation_config.json", "config.json") for i in _ids(_read_json(folder / f).get("eos_token_id"))})
         self.context = config.get("max_position_embeddings")
         try:
-            self.decoder = OnnxDecoder(folder)
-        except PackageError as e:
+            self.decoder = OnnxDecoder(folder, provider=provider)
+        except (PackageError, ProviderError) as e:
             raise ChatError(str(e)) from None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -183,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", help="answer this once and exit (otherwise: an interactive chat)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     p.add_argument("--json", action="store_true", help="with --prompt: print the token ids and text as one JSON object")
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | openvino | webgpu (see amp_edge_runtime/providers.py)")
     args = p.parse_args(argv)
     try:
         if args.max_new_tokens < 1:
             raise ChatError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         if args.prompt is not None and not args.prompt.strip():
             raise ChatError("the prompt is empty; pass some text with --prompt")
-        pkg = ChatPackage(args.package)
+        pkg = ChatPackage(args.package, args.provider)
         if args.prompt is not None:
             chat_once(pkg, args.prompt, args.max_new_tokens, args.json)
         else:
