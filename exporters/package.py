@@ -111,10 +111,15 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
             manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ExportError(f"disk full while writing the package to {out}; nothing was written") from None
-        raise ExportError(f"cannot write the package to {out}: {e.strerror or e}") from None
+        raise _write_error(e, out) from None
     return ExportResult(str(out), manifest)
+
+
+def _write_error(e: OSError, out) -> ExportError:
+    """One line for an OS error while the package was written (the atomic folder left nothing behind)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError(f"disk full while writing the package to {out}; nothing was written")
+    return ExportError(f"cannot write the package to {out}: {e.strerror or e}")
 
 
 def _stream_source(source: str, opts: ExportOptions) -> Path | None:
@@ -183,9 +188,7 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
             manifest["streamed"] = True
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ExportError(f"disk full while writing the package to {out}; nothing was written") from None
-        raise ExportError(f"cannot write the package to {out}: {e.strerror or e}") from None
+        raise _write_error(e, out) from None
     return ExportResult(str(out), manifest)
 
 

@@ -75,6 +75,13 @@ def select(names: list[str], fragments: tuple[str, ...]) -> list[str]:
     return chosen
 
 
+def float_pass(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
+    """fp32 and fp16 packages: the shared embedding takes its rows from the LM head; fp16 relabels the weights."""
+    if tied and spec.embedding == "shared":
+        rows_from_head(graph)
+    return graph if spec.dtype == "fp32" else to_fp16(graph)
+
+
 def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False, weights_dir: Path | None = None) -> onnx.ModelProto:
     """``tied``: the token embedding and the LM head are one tensor in the model (tie_word_embeddings).
 
@@ -82,12 +89,8 @@ def quantize(graph: onnx.ModelProto, spec: QuantSpec, tied: bool = False, weight
     (the weight-only quantizers) or not at all (fp16 relabels them; ``materialize_weights`` casts them), so the
     fp32 weights are never all in memory; the caller materializes the rest afterwards.
     """
-    if spec.dtype in ("fp32", "fp16") and tied and spec.embedding == "shared":
-        rows_from_head(graph)
-    if spec.dtype == "fp32":
-        return graph
-    if spec.dtype == "fp16":
-        return to_fp16(graph)
+    if spec.dtype in ("fp32", "fp16"):
+        return float_pass(graph, spec, tied)
     if spec.dtype == "int8" and spec.int8_scheme == "dynamic":
         if weights_dir is not None:
             materialize_weights(graph, weights_dir)  # quantize_dynamic re-saves the model: it needs the weights inline

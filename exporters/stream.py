@@ -18,13 +18,12 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from amp_edge.memory import release_memory
 from amp_edge.models.adapters import get_adapter
 from amp_edge.models.layered import Checkpoint, empty, fill, skeleton, tied_names
 from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
-from exporters.quantize import QuantSpec, matmul_names, rows_from_head, select, share_tied_embedding, to_fp16
+from exporters.quantize import QuantSpec, float_pass, matmul_names, select, share_tied_embedding
 from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, prompts
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
@@ -107,12 +106,8 @@ def _placeholders(step: torch.nn.Module) -> None:
 
 def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
     """The dtype pass of exporters.quantize.quantize, on deferred weights."""
-    if spec.dtype in ("fp32", "fp16") and tied and spec.embedding == "shared":
-        rows_from_head(graph)
-    if spec.dtype == "fp32":
-        return graph
-    if spec.dtype == "fp16":
-        return to_fp16(graph)
+    if spec.dtype in ("fp32", "fp16"):
+        return float_pass(graph, spec, tied)
     names = matmul_names(graph)
     kept = set(select(names, spec.keep_8bit)) if spec.keep_8bit else set()
     if spec.dtype == "int8":
