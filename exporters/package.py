@@ -90,7 +90,8 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     check_output(out, overwrite)
     folder = _stream_source(source, opts)
     if folder is not None:
-        return _export_streamed(source, folder, out, opts, overwrite, start)
+        with pruned_heads_allowed():  # a head-pruned Llama config (heads x head_dim != hidden) reads on transformers 5
+            return _export_streamed(source, folder, out, opts, overwrite, start)
     loaded, plan, params_before, refit = _model(source, opts)
     model = loaded.model
     gqa = gqa_layers(model, opts.graph.attention)

@@ -66,7 +66,7 @@ def _bad_inputs(tiny_dir, calib_file, tmp_path):
     return {
         "missing model path": ([tmp_path / "no-such-model"] + small, "not found"),
         "missing gguf": ([tmp_path / "x.gguf"] + small, "GGUF file not found"),
-        "unsupported architecture": ([gpt2] + small, "model_type='gpt2'.*supported: llama"),
+        "unsupported architecture": ([gpt2] + small, "model_type='gpt2'.*supported: .*llama"),
         "ratio above 1": ([tiny_dir, "--ratio", 1.5] + small, r"ratio must be in \(0, 1\)"),
         "ratio zero": ([tiny_dir, "--ratio", 0] + small, r"ratio must be in \(0, 1\)"),
         "ratio that empties a layer": ([tiny_dir, "--ratio", 0.95] + small, "would remove|prunable"),
