@@ -259,10 +259,12 @@ def test_int4_export_of_a_tied_model_keeps_one_copy_of_the_embedding(tmp_path):
     model.tie_weights()
     model.save_pretrained(tmp_path / "dense", safe_serialization=True)
     char_tokenizer().save_pretrained(tmp_path / "dense")
-    # measured top-1 agreement: 0.313 shared (the 4-bit head also serves the lookups), 0.386 with the fp16 table
-    shared = export(str(tmp_path / "dense"), tmp_path / "shared", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0.27))
+    # measured top-1 agreement on the in-memory path's teacher-forced prompts: 0.313 shared (the 4-bit head also serves
+    # the lookups), 0.386 with the fp16 table (the streamed path measures along ONNX Runtime's own continuation instead)
+    shared = export(str(tmp_path / "dense"), tmp_path / "shared",
+                    ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0.27, stream=False))
     fp16 = export(str(tmp_path / "dense"), tmp_path / "fp16",
-                  ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="fp16"), min_top1=0.34))
+                  ExportOptions(ratio=0, quant=QuantSpec("int4", embedding="fp16"), min_top1=0.34, stream=False))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "shared" / "model.onnx")).graph.node}
     assert "GatherBlockQuantized" in ops
     # the fp16 table (128 x 64 x 2 bytes) is gone; the 4-bit head is read twice
