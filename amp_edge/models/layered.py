@@ -155,6 +155,9 @@ def skeleton(config) -> nn.Module:
     with init_empty_weights(include_buffers=False), pruned_heads_allowed():
         model = AutoModelForCausalLM.from_config(config)
     shape_to_config(model, config)
+    if getattr(config, "tie_word_embeddings", False):
+        # transformers 5 leaves a meta model untied; tied, the LM head is counted and pruned once, as on a loaded model
+        model.tie_weights()
     return model.eval()
 
 

@@ -87,6 +87,8 @@ class StreamedModel:
         finally:
             for m in done:
                 empty_own(m)
+            if self.tied:
+                self.model.tie_weights()  # filling the head alone gave it its own tensor; shared again, it counts once
 
     def layer_inputs(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
         """Each batch's hidden states at the first layer, and the arguments (mask, positions, rotary tables) the model
