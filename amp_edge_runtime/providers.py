@@ -30,6 +30,8 @@ BUILTIN = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PLUGINS = {
     "openvino": Plugin("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "openvino"),
     "webgpu": Plugin("WebGpuExecutionProvider", "onnxruntime_ep_webgpu", "webgpu"),
+    # NVIDIA's TensorRT for RTX (CUDA 13 build, TensorRT-RTX bundled in the wheel, ~150 MB): needs the NVIDIA driver
+    "tensorrt-rtx": Plugin("NvTensorRTRTXExecutionProvider", "onnxruntime_ep_nv_tensorrt_rtx", "tensorrt-rtx"),
 }
 PROVIDERS = (*BUILTIN, *PLUGINS)
 # The OpenVINO CPU plugin computes in bf16 on CPUs with AMX/AVX512-BF16 unless told otherwise, and the EP's own
@@ -58,9 +60,10 @@ def register(provider: str) -> Plugin:
                             f"pip install 'amp-edge[{plugin.extra}]'") from None
     try:
         ort.register_execution_provider_library(plugin.ep_name, module.get_library_path())
-    except Exception as e:  # onnxruntime's untyped error: wrong onnxruntime version, missing libvulkan
+    except Exception as e:  # onnxruntime's untyped error: wrong onnxruntime version, missing libvulkan or libcuda
+        hint = " (no NVIDIA driver here)" if "libcuda.so" in str(e) else ""
         raise ProviderError(f"cannot register provider {provider} with onnxruntime {ort.__version__}: "
-                            f"{_first_line(e)}") from None
+                            f"{_first_line(e)}{hint}") from None
     _registered.add(plugin.ep_name)
     return plugin
 

@@ -51,4 +51,12 @@ $AMP bench "$PKGS/smollm2-r0-fp16" "$PKGS/smollm2-r0.3-fp16" "$PKGS/smollm2-r0-i
 for p in "$PKGS"/smollm2-*; do
   $AMP validate "$p" --provider cuda --json > "$OUT/validate-$(basename "$p").json" || echo "gpu.sh: $(basename "$p") differs on cuda (see the json)"
 done
+# TensorRT for RTX as a plugin EP (CUDA 13 build, ~150 MB; needs a driver for CUDA 13): the same packages, its own
+# report; TRT_RTX=0 skips it. A driver too old for CUDA 13 fails registration with one line and the run goes on.
+if [ "${TRT_RTX:-1}" = 1 ]; then
+  $PY -m pip install -q "${PIP_SRC[@]}" "onnxruntime-ep-nv-tensorrt-rtx==${TRT_RTX_VERSION:-0.5.0}" &&
+  $AMP bench "$PKGS/smollm2-r0-fp16" "$PKGS/smollm2-r0.3-fp16" "$PKGS/smollm2-r0-int4" "$PKGS/smollm2-r0.3-int4" \
+    --provider tensorrt-rtx --prompt-len "${PROMPT_LEN:-128,512}" --gen-len "${GEN_LEN:-64}" --repeat "${REPEAT:-5}" \
+    --warmup 2 --out "$OUT/tensorrt-rtx" --overwrite || echo "gpu.sh: the TensorRT-RTX rows did not run (see above)"
+fi
 echo "gpu.sh: report in $OUT (bench.md, bench.json, validate-*.json), $((SECONDS - t0)) s in all"

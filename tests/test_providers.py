@@ -32,7 +32,7 @@ def packages(tmp_path_factory):
 
 
 def test_unknown_and_missing_providers(packages, monkeypatch):
-    with pytest.raises(ProviderError, match="unknown provider 'tpu'; choose from cpu, cuda, openvino, webgpu"):
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'; choose from cpu, cuda, openvino, webgpu, tensorrt-rtx"):
         OnnxDecoder(packages["gqa"], provider="tpu")
     monkeypatch.setitem(providers.PLUGINS, "openvino", providers.Plugin("NoSuchEP", "no_such_ep_package", "openvino"))
     with pytest.raises(ProviderError, match=r"needs the no-such-ep-package package: pip install 'amp-edge\[openvino\]'"):
@@ -109,3 +109,21 @@ def test_bench_runs_on_openvino(packages):
     assert report["environment"]["provider"] == "openvino"
     row = report["rows"][0]
     assert len(row["samples"]) == 1 and len(row["samples"][0]["decode_ms"]) == 3 and row["decode_ms_p50"] > 0
+
+
+def test_tensorrt_rtx_missing_package_or_driver_is_one_line(packages, monkeypatch, tmp_path):
+    """The TensorRT-RTX plugin is a GPU-machine extra: absent, the error names it; present without an NVIDIA driver,
+    registration fails in one line (its library needs libcuda.so.1, measured with the 0.5.0 wheel here)."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_nv_tensorrt_rtx", None)  # as if not installed
+    result = run_cli("validate", packages["gqa"], "--provider", "tensorrt-rtx")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "onnxruntime-ep-nv-tensorrt-rtx package: pip install 'amp-edge[tensorrt-rtx]'" in result.output
+    fake = types.ModuleType("onnxruntime_ep_nv_tensorrt_rtx")
+    fake.get_library_path = lambda: str(tmp_path / "libonnxruntime_providers_nv_tensorrt_rtx.so")
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_nv_tensorrt_rtx", fake)
+    with pytest.raises(ProviderError, match=r"^cannot register provider tensorrt-rtx with onnxruntime [\d.]+: ") as info:
+        OnnxDecoder(packages["gqa"], provider="tensorrt-rtx")
+    assert "\n" not in str(info.value)

@@ -24,7 +24,7 @@ Optimize = Choice("Optimize", {v: v for v in ("fuse", "none")})
 Attention = Choice("Attention", {v: v for v in ("auto", "gqa", "sdpa")})
 Int8Scheme = Choice("Int8Scheme", {v: v for v in ("weight-only", "dynamic")})
 Embedding = Choice("Embedding", {v: v for v in ("shared", "fp16")})
-Provider = Choice("Provider", {v: v for v in ("cpu", "cuda", "openvino", "webgpu")})
+Provider = Choice("Provider", {v: v for v in ("cpu", "cuda", "openvino", "webgpu", "tensorrt-rtx")})
 
 
 def value(choice):
