@@ -105,7 +105,7 @@ def test_cli_choices_are_the_library_s():
     """The enums --help lists are the values the library accepts, so neither can drift from the other."""
     from amp_edge.cli import choices
     from amp_edge.models.dtypes import DTYPES as WEIGHT_DTYPES
-    from amp_edge.pruning.allocation import ALLOCATIONS, GQA_MODES, NORMALIZATIONS
+    from amp_edge.pruning.allocation import ALLOCATIONS, GQA_MODES, NORMALIZATIONS, RATIO_OF
     from amp_edge.pruning.scoring import criteria
     from amp_edge.recovery.train import ADAPTERS, METHODS, PRECISIONS, SCHEDULES
     from exporters.attention import ATTENTION_MODES
@@ -114,7 +114,7 @@ def test_cli_choices_are_the_library_s():
     from runtime_bench.bench import PROVIDERS
 
     pairs = [(choices.Criterion, criteria()), (choices.Allocation, ALLOCATIONS), (choices.Gqa, GQA_MODES),
-             (choices.Normalization, NORMALIZATIONS), (choices.WeightDtype, [*WEIGHT_DTYPES, "auto"]),
+             (choices.Normalization, NORMALIZATIONS), (choices.RatioOf, RATIO_OF), (choices.WeightDtype, [*WEIGHT_DTYPES, "auto"]),
              (choices.RecoverMethod, METHODS), (choices.RecoverAdapter, ADAPTERS), (choices.Schedule, SCHEDULES), (choices.Precision, PRECISIONS),
              (choices.ExportDtype, DTYPES), (choices.Optimize, OPTIMIZE_LEVELS), (choices.Attention, ATTENTION_MODES),
              (choices.Int8Scheme, INT8_SCHEMES), (choices.Embedding, EMBEDDINGS), (choices.Provider, PROVIDERS)]

@@ -102,7 +102,9 @@ def test_ctrl_c_while_saving_writes_nothing_and_keeps_the_old_output(tiny_dir, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "precious"
 
 
-def test_sigint_during_calibration_through_the_real_cli(tiny_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_during_calibration_through_the_real_cli(sig, tiny_dir, tmp_path):
+    """Ctrl-C, and a kill (a CI timeout, a scheduler): the same clean exit, nothing left behind."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "amp_edge.cli", "prune", str(tiny_dir), "--calib-samples", "100000", "--calib-seq-len", "64",
            "--out", str(out)]
@@ -113,7 +115,7 @@ def test_sigint_during_calibration_through_the_real_cli(tiny_dir, tmp_path):
             if select.select([proc.stderr], [], [], 1)[0]:
                 seen += os.read(proc.stderr.fileno(), 4096)
         assert b"%" in seen, seen
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()

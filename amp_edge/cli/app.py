@@ -84,6 +84,9 @@ def main(
 ):
     cap_heap_growth()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from amp_edge.notice import show_notices
+
+    show_notices()
     if not verbose:
         from transformers.utils import logging as hf_logging
 

@@ -13,6 +13,7 @@ class Choice(str, Enum):
 Criterion = Choice("Criterion", {v: v for v in ("amp", "wanda-sp", "magnitude", "random")})
 Allocation = Choice("Allocation", {v: v for v in ("uniform", "global")})
 Gqa = Choice("Gqa", {v: v for v in ("query", "group")})
+RatioOf = Choice("RatioOf", {v: v for v in ("total", "layers")})
 Normalization = Choice("Normalization", {v: v for v in ("mean", "zscore")})
 WeightDtype = Choice("WeightDtype", {v: v for v in ("float32", "float16", "bfloat16", "auto")})
 RecoverMethod = Choice("RecoverMethod", {v: v for v in ("distill", "lora")})
@@ -33,5 +34,7 @@ def value(choice):
 
 
 
+RATIO_OF_HELP = ("What --ratio counts: total (all parameters, embeddings included, as the paper's tables and the file "
+                 "size count) | layers (the attention and MLP weights of the decoder layers, the only ones pruned).")
 DEVICE_MAP_HELP = ("Place the layers through accelerate: auto | balanced | sequential (GPUs, then CPU, then disk), one "
                    "device (cpu, cuda:1), or a JSON file of module -> device ('disk' offloads). Folders and hub ids only.")

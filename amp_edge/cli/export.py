@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from amp_edge.cli.app import app, flag, friendly, out
-from amp_edge.cli.choices import Allocation, Attention, Criterion, Embedding, ExportDtype, Gqa, Int8Scheme, Optimize, value
+from amp_edge.cli.choices import (RATIO_OF_HELP, Allocation, Attention, Criterion, Embedding, ExportDtype, Gqa, Int8Scheme, Optimize,
+                                  RatioOf, value)
 from amp_edge.models.sources import DEFAULT_MODEL
 
 _GRAPH = "Graph"
@@ -42,6 +43,7 @@ def export_cmd(
     min_top1: Optional[float] = typer.Option(None, help="fp16/int8/int4: top-1 agreement required (default 0.95/0.85/0.55).", rich_help_panel=_CHECK),
     max_abs_diff: Optional[float] = typer.Option(None, help="fp32: max |Δlogits| allowed (default max(1e-3, 4e-5 x max |logit|)).", rich_help_panel=_CHECK),
     ratio: Optional[float] = typer.Option(None, help="Prune first by this fraction of parameters; 0 exports the dense model.", rich_help_panel=_PRUNE),
+    ratio_of: RatioOf = typer.Option("total", help=RATIO_OF_HELP, rich_help_panel=_PRUNE),
     criterion: Criterion = typer.Option("amp", help="Pruning criterion.", rich_help_panel=_PRUNE),
     allocation: Allocation = typer.Option("uniform", help="uniform | global.", rich_help_panel=_PRUNE),
     gqa: Gqa = typer.Option("query", help="query | group.", rich_help_panel=_PRUNE),
@@ -63,7 +65,7 @@ def export_cmd(
         ratio=ratio,
         prune=PruneOptions(ratio or 0.3, value(criterion), value(allocation), value(gqa),
                            calibration=CalibrationSpec(calib, calib_samples, calib_seq_len),
-                           refit=RefitSpec() if refit else None, heads=heads),
+                           refit=RefitSpec() if refit else None, heads=heads, ratio_of=value(ratio_of)),
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, value(optimize), value(attention)),
         quant=QuantSpec(value(dtype), block_size, accuracy_level, keep, value(int8_scheme), embedding=value(embedding)),

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from amp_edge.cli.app import app, flag, friendly, out
-from amp_edge.cli.choices import (DEVICE_MAP_HELP, Allocation, Criterion, Gqa, Normalization, Precision, RecoverAdapter, RecoverMethod, Schedule, WeightDtype,
+from amp_edge.cli.choices import (DEVICE_MAP_HELP, RATIO_OF_HELP, Allocation, Criterion, Gqa, Normalization, Precision, RatioOf, RecoverAdapter, RecoverMethod, Schedule, WeightDtype,
                                   value)
 from amp_edge.models.sources import DEFAULT_MODEL
 
@@ -32,7 +32,8 @@ def prune(
     trust_remote_code: bool = flag("--trust-remote-code", help="Allow model code from the hub.", panel=_OUT),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout.", panel=_OUT),
     device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP, rich_help_panel=_OUT),
-    ratio: float = typer.Option(0.3, help="Fraction of all parameters to remove, in (0, 1).", rich_help_panel=_PRUNE),
+    ratio: float = typer.Option(0.3, help="Fraction of parameters to remove, in (0, 1); --ratio-of says of which.", rich_help_panel=_PRUNE),
+    ratio_of: RatioOf = typer.Option("total", help=RATIO_OF_HELP, rich_help_panel=_PRUNE),
     criterion: Criterion = typer.Option("amp", help="Importance score (amp: the paper).", rich_help_panel=_PRUNE),
     allocation: Allocation = typer.Option("uniform", help="uniform: standard config | global: per-layer sizes.", rich_help_panel=_PRUNE),
     gqa: Gqa = typer.Option("query", help="query: the same query heads out of every KV group | group: whole KV groups.", rich_help_panel=_PRUNE),
@@ -89,7 +90,7 @@ def prune(
 
     spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
     opts = PruneOptions(ratio, value(criterion), value(allocation), value(gqa), min_keep, value(normalization), spec, seed,
-                        RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None, heads)
+                        RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None, heads, value(ratio_of))
     recovery = None if recover is None else RecoverySpec(
         method=value(recover), steps=recover_steps, data=recover_data, field=recover_field, lr=recover_lr,
         batch_size=recover_batch_size, micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed,

@@ -7,7 +7,8 @@ Head removal happens in *units* that keep GQA intact:
 With one query head per KV head (MHA) both modes remove single heads.
 
 uniform  the same number of head units and the same fraction of neurons in every layer, sized so that
-         the whole model loses ``ratio`` of its parameters (embeddings included, as the reference counts);
+         the whole model loses ``ratio`` of its parameters (embeddings included, as the paper's tables count:
+         ``ratio_of="total"``) or of its prunable layer weights (attention projections and MLP: "layers");
          ``head_units`` fixes how many units each layer loses (the MLP absorbs the rest of the budget),
          None takes the fraction of units nearest the parameter fraction (the paper's rule; see split.py);
 global   the same totals, spread over layers by one ranking of per-layer normalized scores,
@@ -28,6 +29,10 @@ from amp_edge.pruning.scoring import LayerScores
 from amp_edge.pruning.surgery import count_parameters
 
 ALLOCATIONS = ("uniform", "global")
+RATIO_OF = ("total", "layers")
+# A ratio of all parameters that removes more than this many times as much of the layer weights is mostly
+# embedding: worth a warning (a 0.5B Qwen2 at 0.3 lost 53% of its layer weights, Gemma-3-270M would lose 80%).
+LAYER_SHARE_WARN = 1.5
 GQA_MODES = ("query", "group")
 NORMALIZATIONS = ("mean", "zscore")
 
@@ -66,6 +71,55 @@ def unit_order(scores: torch.Tensor, shape: LayerShape, gqa: str, q_cost: int, k
     )
 
 
+@dataclass
+class Budget:
+    """What ``ratio`` removes, in both measures: of all parameters and of the prunable layer weights."""
+
+    ratio: float
+    ratio_of: str
+    total: int  # all parameters (a tied embedding counted once)
+    prunable: int  # attention projections and MLP weights of every decoder layer, the only ones pruning removes
+
+    @property
+    def target(self) -> float:
+        return self.ratio * (self.total if self.ratio_of == "total" else self.prunable)
+
+    @property
+    def of_total(self) -> float:
+        return self.target / self.total
+
+    @property
+    def of_layers(self) -> float:
+        return self.target / self.prunable
+
+    def describe(self) -> str:
+        return (f"removing {self.target / 1e6:,.1f}M parameters: {self.of_total:.1%} of all {self.total / 1e6:,.1f}M, "
+                f"{self.of_layers:.1%} of the {self.prunable / 1e6:,.1f}M prunable layer weights")
+
+    def warning(self) -> str | None:
+        """One line when a ratio of all parameters falls mostly on the layers (large embeddings)."""
+        if self.ratio_of == "total" and self.of_layers > LAYER_SHARE_WARN * self.of_total:
+            return (f"--ratio {self.ratio} of all parameters removes {self.of_layers:.0%} of the layer weights (the "
+                    f"embeddings are {1 - self.prunable / self.total:.0%} of the model and are not pruned); "
+                    f"--ratio-of layers makes the ratio count the layer weights only")
+        return None
+
+    def to_dict(self) -> dict:
+        return {"ratio": self.ratio, "ratio_of": self.ratio_of, "total": self.total, "prunable": self.prunable,
+                "of_total": round(self.of_total, 6), "of_layers": round(self.of_layers, 6)}
+
+
+def budget(adapter: Adapter, ratio: float, ratio_of: str = "total") -> Budget:
+    """Shapes only: known before any calibration."""
+    if ratio_of not in RATIO_OF:
+        raise InvalidOptionError(f"unknown --ratio-of {ratio_of!r}; choose from {', '.join(RATIO_OF)}")
+    prunable = 0
+    for i, sh in enumerate(adapter.shapes()):
+        c = adapter.unit_costs(i)
+        prunable += sh.num_heads * c.query_head + sh.num_kv_heads * c.kv_head + sh.intermediate_size * c.neuron
+    return Budget(ratio, ratio_of, count_parameters(adapter.model), prunable)
+
+
 def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
     """Put one layer's scores on a scale comparable across layers."""
     if how == "zscore":
@@ -82,6 +136,7 @@ def allocate(
     min_keep: float = 0.1,
     normalization: str = "mean",
     head_units: int | None = None,
+    ratio_of: str = "total",
 ) -> PruningPlan:
     check_options(ratio, allocation, gqa, min_keep, normalization)
     shapes = adapter.shapes()
@@ -89,8 +144,9 @@ def allocate(
     if allocation == "global":
         scores = [LayerScores(normalize(s.heads, normalization), normalize(s.neurons, normalization)) for s in scores]
     units = [unit_order(s.heads, sh, gqa, c.query_head, c.kv_head, min_keep) for s, sh, c in zip(scores, shapes, costs)]
-    total = count_parameters(adapter.model)
-    n_heads, n_neurons = _uniform_counts(units, shapes, costs, ratio * total, ratio, min_keep, head_units)
+    need = budget(adapter, ratio, ratio_of)
+    total = need.total
+    n_heads, n_neurons = _uniform_counts(units, shapes, costs, need.target, ratio, min_keep, head_units)
     if allocation == "global":
         n_heads = _global_counts([u.scores for u in units], [u.max_remove for u in units], sum(n_heads))
         max_neurons = [sh.intermediate_size - _min_neurons(sh, min_keep) for sh in shapes]
@@ -100,7 +156,7 @@ def allocate(
     removed = sum(k * u.cost for u, k in zip(units, n_heads)) + sum(m * c.neuron for m, c in zip(n_neurons, costs))
     return PruningPlan(
         model_type=adapter.config.model_type, layers=layers, original_shapes=shapes, ratio=ratio,
-        allocation=allocation, gqa=gqa, params={"before": total, "after": total - removed},
+        allocation=allocation, gqa=gqa, params={"before": total, "after": total - removed}, ratio_of=ratio_of,
     )
 
 

@@ -141,6 +141,7 @@ def quiet() -> None:
 
     os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
     logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("amp_edge.notice").setLevel(logging.ERROR)
 
 
 def barrier() -> None:

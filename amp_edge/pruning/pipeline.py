@@ -14,7 +14,8 @@ import torch
 
 from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
 from amp_edge.pruning import distributed
-from amp_edge.pruning.allocation import check_options
+from amp_edge.pruning.allocation import RATIO_OF, budget, check_options
+from amp_edge.notice import notice
 from amp_edge.data.calibration import SELF, CalibrationSpec, calibration_batches, generate_rows
 from amp_edge.io import check_output
 from amp_edge.models.checkpoint import save_pruned
@@ -47,9 +48,12 @@ class PruneOptions:
     seed: int = 0
     refit: RefitSpec | None = None  # least-squares refit of o_proj/down_proj after pruning (amp_edge.pruning.refit)
     heads: str = "auto"  # head units removed per layer: auto | proportional | N (amp_edge.pruning.split)
+    ratio_of: str = "total"  # total: all parameters (the paper's count) | layers: the prunable layer weights
 
     def check(self) -> None:
         check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
+        if self.ratio_of not in RATIO_OF:
+            raise InvalidOptionError(f"unknown --ratio-of {self.ratio_of!r}; choose from {', '.join(RATIO_OF)}")
         parse_heads(self.heads)
         if self.refit is not None:
             self.refit.check()
@@ -106,16 +110,23 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
     batches = _calibration(opts.calibration, loaded) if opts.needs_calibration() else []
     distributed.require_same_rows(batches)
     scores = score(opts.criterion, adapter, distributed.share_rows(batches), seed=opts.seed)
-    plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches)
+    plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches,
+                      ratio_of=opts.ratio_of)
     plan.criterion = opts.criterion
     plan.calibration = calibration_record(opts, opts.calibration)
     return plan
 
 
 def check_feasible(adapter, opts: PruneOptions) -> None:
-    """The ratio's feasibility depends on shapes only: refuse it before spending time on calibration."""
+    """The ratio's feasibility depends on shapes only: refuse it before spending time on calibration. Says what the
+    ratio removes in both measures first, and warns when a ratio of all parameters falls mostly on the layers."""
+    need = budget(adapter, opts.ratio, opts.ratio_of)
+    notice(need.describe())
+    if need.warning():
+        log.warning(need.warning())
     shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
-    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization)
+    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization,
+               ratio_of=opts.ratio_of)
 
 
 def calibration_record(opts: PruneOptions, spec: CalibrationSpec | None) -> dict:

@@ -33,6 +33,7 @@ class PruningPlan:
     original_shapes: list[LayerShape]
     criterion: str = "amp"
     ratio: float = 0.0
+    ratio_of: str = "total"  # what ratio counts: all parameters | the prunable layer weights (allocation.Budget)
     allocation: str = "uniform"
     gqa: str = "query"
     calibration: dict = field(default_factory=dict)

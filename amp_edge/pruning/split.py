@@ -46,12 +46,12 @@ def parse_heads(value: str | int) -> str | int:
 
 
 def feasible_head_units(adapter: Adapter, scores: list[LayerScores], ratio: float, allocation: str, gqa: str,
-                        min_keep: float, normalization: str) -> dict[int, PruningPlan]:
+                        min_keep: float, normalization: str, ratio_of: str = "total") -> dict[int, PruningPlan]:
     """Every number of head units per layer that the budget allows, with its plan; {} when none fits."""
     plans, removed = {}, None
     for k in range(max(s.num_heads for s in adapter.shapes()) + 1):  # never more units than heads
         try:
-            plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, head_units=k)
+            plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, head_units=k, ratio_of=ratio_of)
         except AllocationError:  # too few units leave the MLP too much; too many exceed the budget
             continue
         if sum(_heads_removed(plan)) == removed:  # every layer is at its limit: more units change nothing
@@ -72,7 +72,8 @@ def check_group_mode(adapter: Adapter) -> None:
 
 def split_plan(adapter: Adapter, scores: list[LayerScores], heads: str | int, ratio: float, allocation: str, gqa: str,
                min_keep: float, normalization: str, batches: Iterable[torch.Tensor] = (),
-               losses: Callable[[dict[int, PruningPlan], list[torch.Tensor]], dict[int, float]] | None = None) -> PruningPlan:
+               losses: Callable[[dict[int, PruningPlan], list[torch.Tensor]], dict[int, float]] | None = None,
+               ratio_of: str = "total") -> PruningPlan:
     """The plan for the chosen head rule; ``plan.head_split`` says what was chosen and, for auto, each candidate's loss.
 
     ``losses(plans, batches)`` measures auto's candidates (default: ``masked_losses`` on the model in memory; the
@@ -83,16 +84,16 @@ def split_plan(adapter: Adapter, scores: list[LayerScores], heads: str | int, ra
     if gqa == "group" and rule != 0:
         check_group_mode(adapter)
     if rule == "proportional":
-        plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization)
+        plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, ratio_of=ratio_of)
         plan.head_split = {"rule": "proportional", "heads_removed": _heads_removed(plan)}
         return plan
     if isinstance(rule, int):
-        plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, head_units=rule)
+        plan = allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, head_units=rule, ratio_of=ratio_of)
         plan.head_split = {"rule": "fixed", "head_units": rule, "heads_removed": _heads_removed(plan)}
         return plan
-    plans = feasible_head_units(adapter, scores, ratio, allocation, gqa, min_keep, normalization)
+    plans = feasible_head_units(adapter, scores, ratio, allocation, gqa, min_keep, normalization, ratio_of)
     if not plans:  # nothing fits: the proportional attempt raises the readable error
-        return allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization)
+        return allocate(adapter, scores, ratio, allocation, gqa, min_keep, normalization, ratio_of=ratio_of)
     batches = list(batches)
     if not batches:
         raise InvalidOptionError("--heads auto compares candidates on calibration data, and there is none")

@@ -349,7 +349,8 @@ def prune_streamed(source: str, out: str | Path | None, opts, plan_path=None, ov
         distributed.require_same_rows(batches)
         scores = stream_scores(src, opts.criterion, distributed.share_rows(batches), opts.seed)
         plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep,
-                          opts.normalization, batches, losses=lambda plans, rows: stream_losses(src, plans, rows))
+                          opts.normalization, batches, losses=lambda plans, rows: stream_losses(src, plans, rows),
+                          ratio_of=opts.ratio_of)
         plan.criterion = opts.criterion
         plan.calibration = calibration_record(opts, spec)
     validate_plan(plan, adapter)
