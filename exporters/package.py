@@ -186,9 +186,7 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
             _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
             parity = None
             if opts.validate:
-                options = session_options(spin=False)  # 78% of a 4-layer Phi-3 int4 export was ORT steps spinning on a shared box
-                options.add_session_config_entry("session.disable_prepacking", "1")
-                decoder = OnnxDecoder(tmp, options=options)
+                decoder = OnnxDecoder(tmp, options=validation_options())
                 parity = validate(decoder, model, ckpt, tokenizer, opts.quant.dtype, padding, opts.min_top1, opts.max_abs_diff)
                 del decoder
                 release_memory()
@@ -234,13 +232,17 @@ def _write_graph(graph, folder: Path, opts: ExportOptions, tied: bool) -> tuple[
     return files, inputs
 
 
+def validation_options():
+    """ONNX Runtime's defaults but for thread spinning (a one-off run on a possibly shared box). Prepacking stays on:
+    without it MatMulNBits dequantizes every weight on every step. Measured on the 32-layer Phi-3-mini shape pruned
+    30%, int4: 11.9 s per token and 2.35 GB peak without prepacking, 0.116 s and 2.42 GB with it."""
+    return session_options(spin=False)
+
+
 def _validate(refs, folder: Path, opts: ExportOptions):
     if refs is None:
         return None
-    options = session_options(spin=False)  # 78% of a 4-layer Phi-3 int4 export was ORT steps spinning on a shared box
-    # Prepacked MatMul weights are a second copy of every weight: worth it for serving, not for a parity check
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    decoder = OnnxDecoder(folder, options=options)
+    decoder = OnnxDecoder(folder, options=validation_options())
     parity = compare(decoder, refs, opts.quant.dtype, opts.min_top1, opts.max_abs_diff)
     del decoder
     release_memory()
