@@ -188,10 +188,8 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
             _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
             parity = None
             if opts.validate:
-                decoder = OnnxDecoder(tmp, options=validation_options())
-                parity = validate(decoder, model, ckpt, tokenizer, opts.quant.dtype, padding, opts.min_top1, opts.max_abs_diff)
-                del decoder
-                release_memory()
+                parity = validate(lambda: OnnxDecoder(tmp, options=validation_options()), model, ckpt, tokenizer,
+                                  opts.quant.dtype, padding, opts.min_top1, opts.max_abs_diff)
                 if not parity.ok:
                     raise ExportValidationError(parity.mismatches)
             before = plan.params.get("before", params) if plan is not None else params

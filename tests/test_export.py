@@ -74,9 +74,11 @@ def _matmul_bits(path: Path) -> dict[str, int]:
     return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
 
 
-# Measured on tiny_model("llama") seed 0 (random weights: far more fragile than a trained model's): top-1 agreement
-# fp16 0.988, int8 0.928, int4 0.398; max |Δlogits| 0.048, 0.33, 4.71. The bounds sit a little outside those.
-QUANT_BOUNDS = {"fp16": (0.95, 0.1), "int8": (0.88, 0.5), "int4": (0.35, 6.0)}
+# Measured on tiny_model("llama") seed 0 (random weights: far more fragile than a trained model's), with the serving
+# session's prepacked MatMulNBits (accuracy level 4: int8 activations): top-1 agreement fp16 0.988, int8 0.885, int4
+# 0.386; max |Δlogits| 0.048, 0.647, 4.76 (without prepacking, weights dequantized to fp32: int8 0.928 / 0.33, int4
+# 0.398 / 4.71). The bounds sit a little outside those.
+QUANT_BOUNDS = {"fp16": (0.95, 0.1), "int8": (0.85, 0.8), "int4": (0.35, 6.0)}
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])

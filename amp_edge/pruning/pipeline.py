@@ -109,6 +109,7 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
     check_feasible(adapter, opts)
     batches = _calibration(opts.calibration, loaded) if opts.needs_calibration() else []
     distributed.require_same_rows(batches)
+    announce_budget(adapter, opts)
     scores = score(opts.criterion, adapter, distributed.share_rows(batches), seed=opts.seed)
     plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization, batches,
                       ratio_of=opts.ratio_of)
@@ -118,15 +119,20 @@ def make_plan(loaded: LoadedModel, opts: PruneOptions) -> PruningPlan:
 
 
 def check_feasible(adapter, opts: PruneOptions) -> None:
-    """The ratio's feasibility depends on shapes only: refuse it before spending time on calibration. Says what the
-    ratio removes in both measures first, and warns when a ratio of all parameters falls mostly on the layers."""
+    """The ratio's feasibility depends on shapes only: refuse it before spending time on calibration."""
+    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
+    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization,
+               ratio_of=opts.ratio_of)
+
+
+
+def announce_budget(adapter, opts: PruneOptions) -> None:
+    """What the ratio removes, in both measures, and a warning when a ratio of all parameters falls mostly on the
+    layers: said before scoring, once the input has passed every check (a refusal stays one line)."""
     need = budget(adapter, opts.ratio, opts.ratio_of)
     notice(need.describe())
     if need.warning():
         log.warning(need.warning())
-    shape_only = "proportional" if parse_heads(opts.heads) == "auto" else opts.heads  # auto: at least the paper's rule fits
-    split_plan(adapter, score("random", adapter), shape_only, opts.ratio, opts.allocation, opts.gqa, opts.min_keep, opts.normalization,
-               ratio_of=opts.ratio_of)
 
 
 def calibration_record(opts: PruneOptions, spec: CalibrationSpec | None) -> dict:

@@ -325,7 +325,7 @@ def prune_streamed(source: str, out: str | Path | None, opts, plan_path=None, ov
     from transformers import AutoTokenizer
 
     from amp_edge.models.sources import resolve
-    from amp_edge.pruning.pipeline import PruneResult, _layer_summary, calibration_record, check_feasible
+    from amp_edge.pruning.pipeline import PruneResult, _layer_summary, announce_budget, calibration_record, check_feasible
     from amp_edge.pruning.split import split_plan
     from amp_edge.versions import versions
 
@@ -347,6 +347,7 @@ def prune_streamed(source: str, out: str | Path | None, opts, plan_path=None, ov
         check_feasible(adapter, opts)
         batches, spec = stream_calibration(src, opts.calibration, tokenizer, where["path"]) if opts.needs_calibration() else ([], None)
         distributed.require_same_rows(batches)
+        announce_budget(adapter, opts)
         scores = stream_scores(src, opts.criterion, distributed.share_rows(batches), opts.seed)
         plan = split_plan(adapter, scores, opts.heads, opts.ratio, opts.allocation, opts.gqa, opts.min_keep,
                           opts.normalization, batches, losses=lambda plans, rows: stream_losses(src, plans, rows),
