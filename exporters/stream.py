@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from amp_edge.models.adapters import get_adapter
 from amp_edge.notice import notice
-from amp_edge.models.layered import Checkpoint, empty, fill, skeleton, tied_names
+from amp_edge.models.layered import Checkpoint, skeleton, streamed_logits, tied_names
 from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
@@ -172,36 +172,10 @@ def ort_greedy(decoder, ids: np.ndarray, mask: np.ndarray, steps: int) -> tuple[
 
 
 def torch_logits(model, ckpt: Checkpoint, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """fp32 logits of one forward pass over ``ids``, each decoder layer (and the embedding, the head) filled from the
-    checkpoint just before it runs and emptied just after: about one layer of weights in memory."""
-    adapter = get_adapter(model)
-    tied = tied_names(model)
-    streamed = [*adapter.layers(), model.get_input_embeddings(), model.get_output_embeddings()]
-    prefixes = {id(m): n + "." for n, m in model.named_modules()}
-    bar = tqdm(total=len(adapter.layers()), desc="validating: pytorch layers", unit="layer", leave=False)
-    handles = []
-    for m in streamed:
-        handles.append(m.register_forward_pre_hook(lambda mod, _a: fill(mod, prefixes[id(mod)], ckpt, torch.float32, tied) and None))
-        handles.append(m.register_forward_hook(lambda mod, _a, _o: (empty(mod), bar.update(1) if mod in adapter.layers() else None) and None))
-    rest = [m for m in model.modules() if m is not model and not any(m is s or _inside(m, s) for s in streamed)
-            and any(p is not None for p in m._parameters.values())]
-    try:
-        for m in rest:
-            fill(m, prefixes[id(m)], ckpt, torch.float32, tied)
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        positions = (mask_t.cumsum(1) - 1).clamp(min=0)
-        with torch.no_grad():
-            return model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions, use_cache=False).logits.numpy()
-    finally:
-        for h in handles:
-            h.remove()
-        for m in rest:
-            empty(m)
-        bar.close()
-
-
-def _inside(m, parent) -> bool:
-    return any(m is sub for sub in parent.modules())
+    """fp32 logits of one forward pass over ``ids``, about one layer of weights in memory (layered.streamed_logits)."""
+    with torch.no_grad():
+        return streamed_logits(model, ckpt, torch.from_numpy(ids), torch.from_numpy(mask), torch.float32,
+                               desc="validating: pytorch layers").numpy()
 
 
 def validate(open_decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, padding: str, min_top1=None,

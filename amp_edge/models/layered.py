@@ -207,3 +207,47 @@ def _params(module: nn.Module):
         for pname, p in list(sub._parameters.items()):
             if p is not None:
                 yield (f"{mod_name}.{pname}" if mod_name else pname), sub, pname
+
+
+def streamed_logits(model: nn.Module, ckpt: Checkpoint, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32, desc: str | None = None) -> torch.Tensor:
+    """Logits of one forward pass of the skeleton ``model`` over ``ids``: each decoder layer (and the embedding, the
+    head) filled from ``ckpt`` in ``dtype`` just before it runs and emptied just after, so about one layer of weights
+    is in memory. The caller chooses grad mode (the export's reference and the distillation teacher run no_grad)."""
+    from tqdm.auto import tqdm
+
+    from amp_edge.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    tied = tied_names(model)
+    layers = list(adapter.layers())
+    streamed = [*layers, model.get_input_embeddings(), model.get_output_embeddings()]
+    inside = {id(sub) for s in streamed for sub in s.modules()}
+    prefixes = {id(m): n + "." for n, m in model.named_modules()}
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False, disable=desc is None)
+
+    def before(mod, _args):
+        fill(mod, prefixes[id(mod)], ckpt, dtype, tied)
+
+    def after(mod, _args, _out):
+        empty(mod)
+        if any(mod is layer for layer in layers):
+            bar.update(1)
+
+    handles = [h for m in streamed for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    rest = [m for m in model.modules() if m is not model and id(m) not in inside
+            and any(p is not None for p in m._parameters.values())]
+    try:
+        for m in rest:
+            fill(m, prefixes[id(m)], ckpt, dtype, tied)
+        mask = torch.ones_like(ids) if mask is None else mask
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+        for m in rest:
+            empty(m)
+        if tied:
+            model.tie_weights()  # filling the head alone gave it its own tensor
+        bar.close()

@@ -14,7 +14,8 @@ import torch
 
 from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
 from amp_edge.pruning import distributed
-from amp_edge.pruning.allocation import RATIO_OF, budget, check_options
+from amp_edge.pruning.allocation import RATIO_OF, check_options
+from amp_edge.pruning.allocation import budget as ratio_budget
 from amp_edge.notice import notice
 from amp_edge.data.calibration import SELF, CalibrationSpec, calibration_batches, generate_rows
 from amp_edge.io import check_output
@@ -129,7 +130,7 @@ def check_feasible(adapter, opts: PruneOptions) -> None:
 def announce_budget(adapter, opts: PruneOptions) -> None:
     """What the ratio removes, in both measures, and a warning when a ratio of all parameters falls mostly on the
     layers: said before scoring, once the input has passed every check (a refusal stays one line)."""
-    need = budget(adapter, opts.ratio, opts.ratio_of)
+    need = ratio_budget(adapter, opts.ratio, opts.ratio_of)
     notice(need.describe())
     if need.warning():
         log.warning(need.warning())
@@ -219,7 +220,8 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
     _precheck_architecture(source)
     if recovery is not None:  # full fp32 training where it fits, else LoRA on bf16 weights; refused before loading
-        budget = plan_budget(source_params(source), recovery.method, recovery.adapter, recovery.precision)
+        params = source_params(source)  # a safetensors folder: it can also serve as a layer-by-layer teacher
+        budget = plan_budget(params, recovery.method, recovery.adapter, recovery.precision, teacher_streams=params is not None)
         dtype, recovery = budget.dtype, apply_budget(recovery, budget)
     loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     adapter = get_adapter(loaded.model)
@@ -232,9 +234,7 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
         recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
         rows = _recovery_rows(recovery, texts, loaded)
-        teacher = copy.deepcopy(loaded.model).eval() if recovery.method == "distill" else None
-        if teacher is not None and recovery.precision == "bf16":
-            teacher.to(torch.bfloat16)  # it only runs under bf16 autocast: half the memory, no per-step weight casts
+        teacher = _teacher(loaded, recovery, budget)
     refitted = _refit(loaded, adapter, plan, opts) if opts.refit is not None else None
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, plan)
@@ -251,6 +251,19 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         release_memory()
         result.seconds = time.perf_counter() - start
     return loaded, result
+
+
+def _teacher(loaded: LoadedModel, recovery: RecoverySpec, budget) -> torch.nn.Module | None:
+    """The dense model for distillation: read from its checkpoint layer by layer where the budget says so, else a copy
+    (in bf16 when training runs under bf16 autocast: half the memory, no per-step weight casts)."""
+    if recovery.method != "distill":
+        return None
+    if budget.streamed_teacher:
+        from amp_edge.recovery.teacher import StreamedTeacher
+
+        return StreamedTeacher(loaded.source["path"], torch.bfloat16 if recovery.precision == "bf16" else torch.float32)
+    teacher = copy.deepcopy(loaded.model).eval()
+    return teacher.to(torch.bfloat16) if recovery.precision == "bf16" else teacher
 
 
 def _refit(loaded: LoadedModel, adapter, plan: PruningPlan, opts: PruneOptions):

@@ -2,8 +2,9 @@
 
 Full fine-tuning holds fp32 weights, gradients and two AdamW moments (16 bytes a parameter) beside the teacher: a
 0.5B model peaked at 11.7 GB, a 3.8B one would need about 70 GB. LoRA trains a few million adapter parameters in
-fp32 on frozen base weights, which can then stay in bf16 (2 bytes a parameter) under bf16 autocast, with the teacher
-in bf16 too: about 14 GB for the 3.8B shape, activations on top.
+fp32 on frozen base weights, which can then stay in bf16 (2 bytes a parameter) under bf16 autocast. The distillation
+teacher is a bf16 copy of the dense model, or, when the model came from a safetensors folder, that folder read layer
+by layer (amp_edge.recovery.teacher: about one layer in memory).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Budget:
     precision: str  # fp32 | bf16 autocast
     need_bytes: int
     why: str = ""
+    streamed_teacher: bool = False  # distill reads the teacher from the checkpoint layer by layer (no copy)
 
 
 def footprint(params: int, adapter: str, dtype_bytes: int, teacher: bool) -> int:
@@ -42,11 +44,12 @@ def footprint(params: int, adapter: str, dtype_bytes: int, teacher: bool) -> int
 
 
 def plan_budget(params: int | None, method: str, adapter: str, precision: str,
-                available: int | None = None) -> Budget:
+                available: int | None = None, teacher_streams: bool = False) -> Budget:
     """The cheapest way to recover a ``params``-parameter model that fits: fp32 as asked where it fits, else LoRA on bf16.
 
     ``adapter`` ``auto`` chooses; ``full`` or ``lora`` are kept (and refused when they cannot fit). Raises
-    InvalidOptionError, before anything is loaded, when not even LoRA on bf16 weights fits.
+    InvalidOptionError, before anything is loaded, when not even LoRA on bf16 weights fits. ``teacher_streams``: the
+    source is a safetensors folder, so the bf16 path can read the teacher from it layer by layer instead of copying it.
     """
     teacher = method == "distill"
     want = "lora" if method == "lora" else adapter
@@ -58,7 +61,8 @@ def plan_budget(params: int | None, method: str, adapter: str, precision: str,
     need = footprint(params, first, 4, teacher)
     if need <= room:
         return Budget("float32", first, precision, need)
-    need_bf16 = footprint(params, "lora", 2, teacher)
+    streamed = teacher and teacher_streams
+    need_bf16 = footprint(params, "lora", 2, teacher and not streamed)
     gib = 1024 ** 3
     if want == "full":
         raise InvalidOptionError(f"full fine-tuning of {params / 1e9:.2f}B parameters needs about {need / gib:.0f} GiB "
@@ -70,8 +74,9 @@ def plan_budget(params: int | None, method: str, adapter: str, precision: str,
         raise InvalidOptionError(f"recovery of {params / 1e9:.2f}B parameters needs about {need / gib:.0f} GiB in fp32 "
                                  f"({room / gib:.0f} GiB free), and this CPU has no fast bf16 to hold it in half")
     why = (f"{first} training of {params / 1e9:.2f}B parameters in fp32 needs about {need / gib:.0f} GiB, "
-           f"{room / gib:.0f} GiB is free: training LoRA adapters on bf16 weights (about {need_bf16 / gib:.0f} GiB)")
-    return Budget("bfloat16", "lora", "bf16", need_bf16, why)
+           f"{room / gib:.0f} GiB is free: training LoRA adapters on bf16 weights (about {need_bf16 / gib:.0f} GiB"
+           f"{', the teacher read from the checkpoint layer by layer' if streamed else ''})")
+    return Budget("bfloat16", "lora", "bf16", need_bf16, why, streamed)
 
 
 def source_params(source: str) -> int | None:
