@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -217,7 +218,9 @@ def _trainable(student, spec: RecoverySpec):
 
         config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                             target_modules=lora_targets(student), bias="none")
-        model = get_peft_model(student, config)
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(student, config)
     else:
         model = student
         student.requires_grad_(True)
