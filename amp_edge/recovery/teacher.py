@@ -1,7 +1,8 @@
 """The distillation teacher read from its checkpoint layer by layer, instead of a second copy of the model in memory.
 
 Distillation needs the dense model's logits on every batch, and the pruned student is made from the dense model in
-place; a copy for the teacher doubles the memory (the 3.8B shape needed about 16 GiB of teacher and student in bf16).
+place; a copy for the teacher doubles the weights held (for the 3.8B shape the budget estimated 16 GiB of teacher and
+student in bf16, and refused it).
 The safetensors folder the model came from is the teacher already: ``StreamedTeacher`` runs it as a meta skeleton
 whose layers are filled from the files just before they run and emptied after (amp_edge.models.layered), so it holds
 one layer. Each step then reads the whole checkpoint again, from the page cache where it fits: slower per step,
