@@ -111,8 +111,7 @@ class Budget:
 
 def budget(adapter: Adapter, ratio: float, ratio_of: str = "total") -> Budget:
     """Shapes only: known before any calibration."""
-    if ratio_of not in RATIO_OF:
-        raise InvalidOptionError(f"unknown --ratio-of {ratio_of!r}; choose from {', '.join(RATIO_OF)}")
+    check_ratio_of(ratio_of)
     prunable = 0
     for i, sh in enumerate(adapter.shapes()):
         c = adapter.unit_costs(i)
@@ -158,6 +157,11 @@ def allocate(
         model_type=adapter.config.model_type, layers=layers, original_shapes=shapes, ratio=ratio,
         allocation=allocation, gqa=gqa, params={"before": total, "after": total - removed}, ratio_of=ratio_of,
     )
+
+
+def check_ratio_of(ratio_of: str) -> None:
+    if ratio_of not in RATIO_OF:
+        raise InvalidOptionError(f"unknown --ratio-of {ratio_of!r}; choose from {', '.join(RATIO_OF)}")
 
 
 def check_options(ratio, allocation, gqa, min_keep, normalization) -> None:

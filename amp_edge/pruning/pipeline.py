@@ -14,7 +14,7 @@ import torch
 
 from amp_edge.models.adapters import adapter_class, get_adapter, supported_model_types
 from amp_edge.pruning import distributed
-from amp_edge.pruning.allocation import RATIO_OF, check_options
+from amp_edge.pruning.allocation import check_options, check_ratio_of
 from amp_edge.pruning.allocation import budget as ratio_budget
 from amp_edge.notice import notice
 from amp_edge.data.calibration import SELF, CalibrationSpec, calibration_batches, generate_rows
@@ -53,8 +53,7 @@ class PruneOptions:
 
     def check(self) -> None:
         check_options(self.ratio, self.allocation, self.gqa, self.min_keep, self.normalization)
-        if self.ratio_of not in RATIO_OF:
-            raise InvalidOptionError(f"unknown --ratio-of {self.ratio_of!r}; choose from {', '.join(RATIO_OF)}")
+        check_ratio_of(self.ratio_of)
         parse_heads(self.heads)
         if self.refit is not None:
             self.refit.check()
