@@ -59,7 +59,7 @@ def build(row: dict, args, work: Path) -> Path:
     if not (ckpt / "amp_edge_plan.json").is_file():
         t0 = time.perf_counter()
         cmd = ["prune", args.model, "--ratio", str(row["ratio"]), "--criterion", row["criterion"], "--allocation",
-               row["allocation"], "--heads", row["heads"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite"]
+               row["allocation"], "--heads", row["heads"], "--calib", args.calib, "--seed", str(args.seed), "--out", str(ckpt), "--overwrite", *shlex.split(args.prune_args)]
         amp(*cmd, *(shlex.split(row["recipe"]) if row["recovery"] else []), log=log)
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     amp("export", str(ckpt), "--out", str(pkg), "--overwrite", *shlex.split(args.export_args), log=log)
@@ -70,7 +70,7 @@ def evaluate(row: dict, pkg: Path, args, work: Path) -> dict:
     out = work / f"{row['name']}-eval"
     if not (out / "eval.json").is_file():
         tokens = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
-        amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *TASKS]), "--limit", str(args.limit), *tokens,
+        amp("eval", str(pkg), "--tasks", ",".join(["wikitext2", *args.tasks]), "--limit", str(args.limit), *tokens,
             "--window", str(args.window), "--data-dir", str(args.data_dir), "--out", str(out), "--overwrite", log=work / f"{row['name']}.log")
     return json.loads((out / "eval.json").read_text())
 
@@ -87,12 +87,15 @@ def main() -> None:
                     "(uniform allocation only)")
     ap.add_argument("--recover", action="append", default=[], help='prune options of a recovery recipe, e.g. "--recover distill '
                     '--recover-steps 300"; repeat it for several recipes (a row each); none: no recovery rows')
+    ap.add_argument("--prune-args", default="", help='extra prune options for every row, e.g. "--ratio-of layers"')
     ap.add_argument("--export-args", default="", help='extra export options, e.g. "--max-abs-diff 2e-3"')
     ap.add_argument("--recover-criteria", default="amp", help="criteria that also get a recovery row")
     ap.add_argument("--recover-ratios", default="", help="ratios that get recovery rows (default: all of --ratios)")
     ap.add_argument("--global-criteria", default="", help="criteria that get the non-uniform allocations (default: all)")
     ap.add_argument("--calib", default=str(DATA_DIR / "calibration" / "c4_demo.jsonl"))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks (default: all seven); the table shows - for "
+                    "the others and avg7 only when all seven ran")
     ap.add_argument("--limit", type=int, default=200, help="documents per zero-shot task (first N of the validation split)")
     ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored (disjoint windows); 0: the whole file")
     ap.add_argument("--window", type=int, default=1024, help="WikiText-2 window (tokens each forward pass sees)")
@@ -106,6 +109,7 @@ def main() -> None:
     ap.add_argument("--finished-only", action="store_true",
                     help="build nothing: bench and tabulate the rows already evaluated under --work, list the others as not run")
     args = ap.parse_args()
+    args.tasks = [t for t in TASKS if t in args.tasks.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -233,8 +237,8 @@ def table(rows: list[dict], args, command: str, env: dict) -> str:
         gone, before = r.get("heads_removed") or (0, 0)
         heads = "-" if r["criterion"] == "dense" else f"{r.get('heads', 'auto')}: {gone} of {before}"
         cells = [r["criterion"], f"{r['ratio']:g}", r["allocation"], heads, recipe_label(r["recipe"]) if r["recovery"] else "no", f"{r['params']:,}",
-                 f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" for k in TASKS),
-                 f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}", _delta_cell(r.get("delta_avg5")),
+                 f"{t['wikitext2']['perplexity']:.2f}", *(f"{100 * t[k]['acc']:.1f}" if k in t else "-" for k in TASKS),
+                 f"{100 * avg['paper5_acc']:.1f}", f"{100 * avg['all_acc']:.1f}" if len(avg["tasks"]) == len(TASKS) else "-", _delta_cell(r.get("delta_avg5")),
                  f"{r['decode_ms']:.2f}" if r.get("decode_ms") else "-",
                  f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-", f"{r['eval']['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -137,17 +137,7 @@ def _stream_source(source: str, opts: ExportOptions) -> Path | None:
     path = Path(source).expanduser()
     if not path.is_dir() or not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return None
-    if _has_sliding_layers(path):  # the streamed validation has no longer-than-window prompts yet (Gemma 3)
-        return None
     return path
-
-
-def _has_sliding_layers(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return any("sliding" in str(t) for t in config.get("layer_types") or [])
 
 
 def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, overwrite: bool, start: float) -> ExportResult:

@@ -72,6 +72,15 @@ def layer_type_windows(model: torch.nn.Module) -> dict[str, int | None] | None:
     return dict(zip(types, windows))
 
 
+def shared_window(model: torch.nn.Module) -> int | None:
+    """The window every layer has where one mask serves them all (Mistral, Phi-3: no layer types), else None."""
+    if getattr(model.config, "layer_types", None):
+        return None
+    adapter = get_adapter(model)
+    windows = {adapter.sliding_window(i) for i in range(adapter.num_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """(batch, 1, seq, total) mask: 0 where a query may attend (causal and not padding), dtype-min elsewhere.
     ``window``: a sliding-window layer's mask, where a query also sees only the last ``window`` positions.
@@ -99,6 +108,7 @@ class DecoderStep(torch.nn.Module):
         self.num_layers = kv_layout(model).num_layers
         self.gqa = gqa
         self.windows = layer_type_windows(model)  # one mask per layer type where some layers slide
+        self.window = shared_window(model)  # or one sliding mask for every layer
         if gqa is not None:  # registered here so the graph's initializers get these names
             self.register_buffer("gqa_cos_cache", gqa.cos)
             self.register_buffer("gqa_sin_cache", gqa.sin)
@@ -110,7 +120,7 @@ class DecoderStep(torch.nn.Module):
         if self.windows:
             mask = {t: additive_mask(attention_mask, input_ids.shape[1], self.model.dtype, w) for t, w in self.windows.items()}
         else:
-            mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype)
+            mask = additive_mask(attention_mask, input_ids.shape[1], self.model.dtype, self.window)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         traced = cache_tensors(out.past_key_values)

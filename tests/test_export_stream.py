@@ -26,7 +26,7 @@ def _ops(pkg) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("family, dtype", [("llama", "fp32"), ("qwen2", "int4"), ("phi3", "int4"), ("phi", "fp32"),
-                                           ("qwen3", "fp16"), ("mistral", "int8")])
+                                           ("qwen3", "fp16"), ("mistral", "int8"), ("gemma3", "fp32")])
 def test_streamed_equals_in_memory(tmp_path, family, dtype):
     src = pruned(tmp_path, family, "global")  # per-layer shapes
     quant = QuantSpec(dtype)
@@ -36,7 +36,8 @@ def test_streamed_equals_in_memory(tmp_path, family, dtype):
     assert _ops(tmp_path / "new") == _ops(tmp_path / "old")
     assert np.abs(_logits(tmp_path / "new") - _logits(tmp_path / "old")).max() == 0.0
     parity = new.manifest["parity"]
-    assert parity["ok"] and len(parity["shapes"]) == 2
+    # Gemma 3's sliding layers add a prompt longer than the window (its right-padded batch: each row alone)
+    assert parity["ok"] and len(parity["shapes"]) == (3 if family == "gemma3" else 2)
     if dtype == "fp32":
         assert parity["max_abs_diff"] <= 1e-4 and all(s["greedy_equal"] for s in parity["shapes"])
     # the same weights, only aligned differently in model.onnx.data

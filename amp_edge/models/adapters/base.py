@@ -148,6 +148,8 @@ class Adapter:
     gqa_export: ClassVar[bool] = True  # attention maps onto ONNX Runtime's GroupQueryAttention (Llama's q/k/v layout)
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type name ("" = model_type)
     gguf_arch: ClassVar[str] = ""  # the GGUF file's general.architecture ("" = model_type)
+    # transformers applies ``config.sliding_window`` to every layer (Mistral, Phi-3) instead of per layer type
+    window_on_every_layer: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -246,9 +248,14 @@ class Adapter:
             mlp.intermediate_size = len(neurons)
 
     def sliding_window(self, i: int) -> int | None:
-        """Layer i's attention window in tokens (a key at distance >= window is masked), None for full attention."""
-        window = getattr(self.attention(i), "sliding_window", None)
-        return int(window) if window else None
+        """Layer i's attention window in tokens (a key at distance >= window is masked), None for full attention.
+
+        A window no shorter than ``max_position_embeddings`` never masks a key the model can see (Phi-3-mini-128k's
+        262144): None, so validation does not build a prompt longer than it."""
+        source = self.config if self.window_on_every_layer else self.attention(i)
+        window = getattr(source, "sliding_window", None)
+        limit = getattr(self.config, "max_position_embeddings", None)
+        return int(window) if window and not (limit and window >= limit) else None
 
     def rope_layer_type(self, i: int) -> str | None:
         """Layer i's type (``config.layer_types``) when layer types have their own rotary tables (Gemma 3's local

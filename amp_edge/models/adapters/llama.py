@@ -12,7 +12,10 @@ class LlamaAdapter(Adapter):
 
 @register
 class MistralAdapter(LlamaAdapter):
+    """Mistral: ``config.sliding_window`` (4096 in 7B v0.1, null from v0.2) on every layer."""
+
     model_type = "mistral"
+    window_on_every_layer = True
 
 
 @register

@@ -9,6 +9,7 @@ from amp_edge.models.adapters.base import Adapter, _row_cost, head_rows, keep_co
 @register
 class Phi3Adapter(Adapter):
     model_type = "phi3"
+    window_on_every_layer = True  # Phi-3-mini-4k: 2047 on every layer
     q_name = "qkv_proj"
     kv_names = ()
     mlp_in_names = ()
