@@ -31,7 +31,7 @@ from amp_edge_runtime.session import session_options
 from exporters.attention import check_mode, gqa_layers
 from exporters.genai import genai_config
 from exporters.graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
-from exporters.quantize import QuantSpec, quantize
+from exporters.quantize import QUANTIZED, QuantSpec, quantize
 from exporters.validate import compare, reference
 from exporters.wrapper import kv_layout
 
@@ -101,6 +101,7 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
     facts = {"params_after": count_parameters(model), "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding,
              "refit": refit}
     refs = reference(model, loaded.tokenizer, padding=padding) if opts.validate else None
+    conts = _continuations(model, loaded.tokenizer) if opts.validate and opts.quant.dtype in QUANTIZED else None
     try:
         with atomic_dir(out, overwrite) as tmp:
             _write_side_files(loaded, tmp)
@@ -108,7 +109,7 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
             tied = bool(getattr(model.config, "tie_word_embeddings", False))
             files, inputs = _write_graph(export_graph(model, tmp, opts.graph, release_weights=True), tmp, opts, tied)
             _write_genai_config(loaded, tmp, inputs, all_gqa=len(gqa) == facts["kv_layout"].num_layers)
-            parity = _validate(refs, tmp, opts)
+            parity = _validate(refs, tmp, opts, conts)
             manifest = _manifest(source, loaded, plan, params_before, facts, opts, files, parity, tmp, time.perf_counter() - start)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except OSError as e:
@@ -250,11 +251,23 @@ def validation_options():
     return session_options(spin=False)
 
 
-def _validate(refs, folder: Path, opts: ExportOptions):
+def _continuations(model, tokenizer):
+    """The in-memory model's greedy continuations of exporters.agreement's prompts (before its weights are freed)."""
+    from exporters.agreement import model_forward, prompt_ids, torch_continuations
+
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    return torch_continuations(model_forward(model.float().eval()), prompt_ids(tokenizer, model.config.vocab_size), pad_id)
+
+
+def _validate(refs, folder: Path, opts: ExportOptions, conts=None):
+    from exporters.agreement import agreement
+
     if refs is None:
         return None
     decoder = OnnxDecoder(folder, options=validation_options())
     parity = compare(decoder, refs, opts.quant.dtype, opts.min_top1, opts.max_abs_diff)
+    if conts is not None:
+        parity.continuation_agreement = agreement(decoder, conts)
     del decoder
     release_memory()
     if not parity.ok:

@@ -15,8 +15,10 @@ from amp_edge.errors import InvalidOptionError
 from exporters.graph import materialize_weights, working_dir
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # weight-only integer dtypes: validated by agreement, not by a logits bound
 INT8_SCHEMES = ("weight-only", "dynamic")
 EMBEDDINGS = ("shared", "fp16")
+METHODS = ("rtn", "hqq", "k-quant")  # ONNX Runtime's 4-bit quantizers that need no calibration data
 MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
 
 
@@ -31,6 +33,10 @@ class QuantSpec:
     # tied embeddings: "shared" keeps one copy of the table (fp32/fp16: rows from Transpose(LM head); int4/int8: from
     # the quantized LM head, GatherBlockQuantized); "fp16" keeps a separate table (fp16 in int4/int8 graphs: exact rows)
     embedding: str = "shared"
+    # the 4-bit MatMuls' quantizer: rtn (min/max per block, integer zero points) | hqq (half-quadratic: scale and
+    # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: ~15x slower
+    # decode) | k-quant; MatMuls kept at 8 bits always use rtn. Measured in docs/export.md#int4-methods
+    method: str = "rtn"
 
     def check(self, opset: int) -> None:
         if self.dtype not in DTYPES:
@@ -43,6 +49,10 @@ class QuantSpec:
             raise InvalidOptionError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if self.embedding not in EMBEDDINGS:
             raise InvalidOptionError(f"unknown embedding storage {self.embedding!r}; choose from {', '.join(EMBEDDINGS)}")
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"unknown quantization method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method != "rtn" and self.dtype != "int4":
+            raise InvalidOptionError(f"--quant-method {self.method} applies to int4, not {self.dtype}")
         if self.keep_8bit and self.dtype != "int4":
             raise InvalidOptionError(f"--keep-8bit applies to int4 only, not {self.dtype}")
         if self.dtype in ("int4", "int8") and opset < MIN_QUANT_OPSET:
@@ -51,7 +61,8 @@ class QuantSpec:
     def to_dict(self) -> dict:
         d = {"dtype": self.dtype, "embedding": self.embedding}
         if self.dtype in ("int4", "int8"):
-            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric)
+            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
+                     method=self.method)
         if self.dtype == "int8":
             d["int8_scheme"] = self.int8_scheme
         if self.keep_8bit:
@@ -120,8 +131,16 @@ def _nbits(graph: onnx.ModelProto, spec: QuantSpec, bits: int, exclude: list[str
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, KQuantWeightOnlyQuantConfig
+
+    algo = None
+    if bits == 4 and spec.method == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=bits, op_types_to_quantize=("MatMul",))
+    elif bits == 4 and spec.method == "k-quant":
+        algo = KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
     q = MatMulNBitsQuantizer(graph, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
-                             accuracy_level=spec.accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+                             accuracy_level=spec.accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
+                             algo_config=algo)
     q.process()
     return q.model.model
 
@@ -241,6 +260,9 @@ def share_tied_embedding(graph: onnx.ModelProto, block_size: int) -> bool:
     vocab, hidden = table.dims
     if (attrs["N"], attrs["K"]) != (vocab, hidden) or hidden % attrs["block_size"] or attrs["bits"] not in (4, 8):
         return False
+    zero_points = inits.get(head.input[3]) if len(head.input) > 3 and head.input[3] else None
+    if zero_points is not None and zero_points.data_type != onnx.TensorProto.UINT8:
+        return False  # HQQ's float zero points: GatherBlockQuantized reads packed uint8 ones only
     blocks = hidden // attrs["block_size"]
 
     def as_matrix(name: str, cols: int) -> str:

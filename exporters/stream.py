@@ -25,7 +25,7 @@ from amp_edge.models.layered import Checkpoint, skeleton, streamed_logits, tied_
 from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
-from exporters.quantize import QuantSpec, float_pass, matmul_names, select, share_tied_embedding
+from exporters.quantize import QUANTIZED, QuantSpec, float_pass, matmul_names, select, share_tied_embedding
 from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, prompts, sliding_window
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def streamable(quant: QuantSpec) -> bool:
-    """Dynamic int8 re-saves the whole model through ORT's quantizer: it keeps the in-memory path."""
-    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic")
+    """Dynamic int8 re-saves the whole model through ORT's quantizer, and the hqq / k-quant quantizers run on the
+    whole graph (the streamed pass quantizes tensor by tensor with round-to-nearest): they keep the in-memory path."""
+    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic") and quant.method == "rtn"
 
 
 def load_skeleton(path: str | Path):
@@ -220,7 +221,26 @@ def validate(open_decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, paddi
             expected = torch_logits(model, ckpt, full, full_mask)
         parity.shapes.append(_result(name, ids, mask, tokens, got, expected, full_mask, dtype))
         parity.mismatches += _judge(parity.shapes[-1], dtype, parity.min_top1, max_abs)
+    if dtype in QUANTIZED:
+        parity.continuation_agreement = _continuation_agreement(open_decoder, model, ckpt, tokenizer)
     return parity
+
+
+def _continuation_agreement(open_decoder, model, ckpt: Checkpoint, tokenizer) -> float:
+    """exporters.agreement's measure: the streamed model continues the prompts (one streamed pass per token, all
+    prompts in one batch), then the package is reopened and teacher-forced on that text."""
+    from amp_edge.memory import release_memory
+    from exporters.agreement import agreement, prompt_ids, torch_continuations
+
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    forward = lambda ids, mask, cache: streamed_logits(model, ckpt, ids, mask, torch.float32, cache=cache)  # noqa: E731
+    conts = torch_continuations(forward, prompt_ids(tokenizer, model.config.vocab_size), pad_id)
+    decoder = open_decoder()
+    try:
+        return agreement(decoder, conts)
+    finally:
+        del decoder
+        release_memory()
 
 
 def _result(name, ids, mask, tokens, got, expected, full_mask, dtype) -> ShapeResult:

@@ -48,6 +48,8 @@ class Parity:
     max_abs: float | None = None  # fp32: a fixed bound instead of max(1e-3, 4e-5 x max |logit|)
     shapes: list[ShapeResult] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
+    # quantized packages: top-1 on the reference's own greedy continuations of natural prompts (exporters.agreement)
+    continuation_agreement: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -61,7 +63,7 @@ class Parity:
             {"min_top1_agreement": self.min_top1}
         return {"dtype": self.dtype, "ok": self.ok, "bound": bound,
                 "max_abs_diff": worst("max_abs_diff", max), "rel_diff": worst("rel_diff", max),
-                "top1_agreement": worst("top1_agreement", min),
+                "top1_agreement": worst("top1_agreement", min), "continuation_agreement": self.continuation_agreement,
                 "shapes": [asdict(s) for s in self.shapes], "mismatches": self.mismatches}
 
 

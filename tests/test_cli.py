@@ -111,13 +111,15 @@ def test_cli_choices_are_the_library_s():
     from exporters.attention import ATTENTION_MODES
     from exporters.graph import OPTIMIZE_LEVELS
     from exporters.quantize import DTYPES, EMBEDDINGS, INT8_SCHEMES
+    from exporters.quantize import METHODS as QUANT_METHODS
     from runtime_bench.bench import PROVIDERS
 
     pairs = [(choices.Criterion, criteria()), (choices.Allocation, ALLOCATIONS), (choices.Gqa, GQA_MODES),
              (choices.Normalization, NORMALIZATIONS), (choices.RatioOf, RATIO_OF), (choices.WeightDtype, [*WEIGHT_DTYPES, "auto"]),
              (choices.RecoverMethod, METHODS), (choices.RecoverAdapter, ADAPTERS), (choices.Schedule, SCHEDULES), (choices.Precision, PRECISIONS),
              (choices.ExportDtype, DTYPES), (choices.Optimize, OPTIMIZE_LEVELS), (choices.Attention, ATTENTION_MODES),
-             (choices.Int8Scheme, INT8_SCHEMES), (choices.Embedding, EMBEDDINGS), (choices.Provider, PROVIDERS)]
+             (choices.Int8Scheme, INT8_SCHEMES), (choices.Embedding, EMBEDDINGS), (choices.Provider, PROVIDERS),
+             (choices.QuantMethod, QUANT_METHODS)]
     for enum, allowed in pairs:
         assert sorted(c.value for c in enum) == sorted(allowed), enum.__name__
 

@@ -10,7 +10,7 @@ import typer
 
 from amp_edge.cli.app import app, flag, friendly, out
 from amp_edge.cli.choices import (RATIO_OF_HELP, Allocation, Attention, Criterion, Embedding, ExportDtype, Gqa, Int8Scheme, Optimize,
-                                  RatioOf, value)
+                                  QuantMethod, RatioOf, value)
 from amp_edge.models.sources import DEFAULT_MODEL
 
 _GRAPH = "Graph"
@@ -31,6 +31,7 @@ def export_cmd(
     dtype: ExportDtype = typer.Option("fp32", help="Weights of the graph.", rich_help_panel=_QUANT),
     keep_8bit: Optional[str] = typer.Option(None, help="int4 only: MatMuls kept at 8 bits, e.g. down_proj,lm_head.", rich_help_panel=_QUANT),
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8).", rich_help_panel=_QUANT),
+    quant_method: QuantMethod = typer.Option("rtn", help="int4: rtn (round to nearest, fast kernel) | hqq (fitted float zero points: closer to the source, ~15x slower decode on CPU) | k-quant.", rich_help_panel=_QUANT),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute.", rich_help_panel=_QUANT),
     int8_scheme: Int8Scheme = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger).", rich_help_panel=_QUANT),
     embedding: Embedding = typer.Option("shared", help="Tied embeddings: shared (rows looked up in the LM head's weight, quantized in int4/int8) | fp16 (a separate table).", rich_help_panel=_QUANT),
@@ -68,7 +69,8 @@ def export_cmd(
                            refit=RefitSpec() if refit else None, heads=heads, ratio_of=value(ratio_of)),
         plan=str(plan) if plan else None,
         graph=GraphSpec(opset, value(optimize), value(attention)),
-        quant=QuantSpec(value(dtype), block_size, accuracy_level, keep, value(int8_scheme), embedding=value(embedding)),
+        quant=QuantSpec(value(dtype), block_size, accuracy_level, keep, value(int8_scheme), embedding=value(embedding),
+                        method=value(quant_method)),
         validate=validate, min_top1=min_top1, max_abs_diff=max_abs_diff, external_data=external_data,
         trust_remote_code=trust_remote_code, stream=stream,
     )
@@ -91,3 +93,5 @@ def print_export(result) -> None:
         out.print(f"parity vs PyTorch: max |Δlogits| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
                   + ("" if m["quantization"]["dtype"] != "fp32" else
                      f", greedy {'identical' if all(s['greedy_equal'] for s in parity['shapes']) else 'DIFFERENT'} for 32 steps"))
+        if parity.get("continuation_agreement") is not None:
+            out.print(f"top-1 on PyTorch's own continuations of 4 prompts x 32 tokens: {parity['continuation_agreement']:.3f}")

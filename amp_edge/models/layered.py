@@ -210,10 +210,13 @@ def _params(module: nn.Module):
 
 
 def streamed_logits(model: nn.Module, ckpt: Checkpoint, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32, desc: str | None = None) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, desc: str | None = None, cache=None) -> torch.Tensor:
     """Logits of one forward pass of the skeleton ``model`` over ``ids``: each decoder layer (and the embedding, the
     head) filled from ``ckpt`` in ``dtype`` just before it runs and emptied just after, so about one layer of weights
-    is in memory. The caller chooses grad mode (the export's reference and the distillation teacher run no_grad)."""
+    is in memory. The caller chooses grad mode (the export's reference and the distillation teacher run no_grad).
+
+    ``cache``: a transformers Cache extended in place (``ids`` are then the new tokens and ``mask`` covers the cache
+    and them), for greedy decoding one step per pass."""
     from tqdm.auto import tqdm
 
     from amp_edge.models.adapters import get_adapter
@@ -241,8 +244,9 @@ def streamed_logits(model: nn.Module, ckpt: Checkpoint, ids: torch.Tensor, mask:
         for m in rest:
             fill(m, prefixes[id(m)], ckpt, dtype, tied)
         mask = torch.ones_like(ids) if mask is None else mask
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=cache is not None).logits
     finally:
         for h in handles:
             h.remove()
