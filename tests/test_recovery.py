@@ -410,3 +410,21 @@ def test_cli_bad_recovery_input_is_one_line_and_writes_nothing(tiny_dir, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.output, res.output
     assert re.search(match, lines[0]), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_data_too_short_for_one_sequence_fails_before_scoring(tmp_path, tiny_dir, calib_file, monkeypatch):
+    """Tokenizing the recovery data comes before calibration: a short file costs no scoring and writes nothing."""
+    import amp_edge.pruning.pipeline as pipeline
+
+    from .conftest import run_cli
+
+    def no_scoring(*_a, **_k):
+        raise AssertionError("scored before the recovery data was checked")
+
+    monkeypatch.setattr(pipeline, "make_plan", no_scoring)
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "hi"}\n')
+    result = run_cli("prune", tiny_dir, "--ratio", 0.2, "--calib", calib_file, "--recover", "distill",
+                     "--recover-data", short, "--recover-steps", 2, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "fewer than one sequence of 256" in result.output
+    assert not (tmp_path / "out").exists()

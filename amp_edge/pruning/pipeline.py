@@ -225,14 +225,15 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     adapter = get_adapter(loaded.model)
     before_shapes = adapter.shapes()
+    teacher, rows = None, None
+    if recovery is not None:  # tokenized before scoring, so data too short for one sequence fails first
+        recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
+        rows = _recovery_rows(recovery, texts, loaded)
     if plan is None:
         plan = make_plan(loaded, opts)
     plan.source = {k: v for k, v in loaded.source.items()}
     plan.versions = versions()
-    teacher, rows = None, None
-    if recovery is not None:  # from the dense model: its own samples, and the distillation teacher
-        recovery = usable_precision(recovery, next(loaded.model.parameters()).device)
-        rows = _recovery_rows(recovery, texts, loaded)
+    if recovery is not None:  # from the dense model, before the plan is applied
         teacher = _teacher(loaded, recovery, budget)
     refitted = _refit(loaded, adapter, plan, opts) if opts.refit is not None else None
     params_before = count_parameters(loaded.model)
