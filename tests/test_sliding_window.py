@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config
+from transformers import MistralConfig, Phi3Config
 
 from amp_edge.models.adapters import get_adapter
 from amp_edge_runtime.decoder import OnnxDecoder
 from exporters import ExportOptions, QuantSpec, export
 
-from .tiny import COMMON, char_tokenizer
+from .tiny import COMMON, char_tokenizer, model_from_config
 
 WINDOW = 8
 
@@ -25,22 +25,12 @@ def _config(family: str, head_dim: int, window: int | None = WINDOW):
     return Phi3Config(num_attention_heads=64 // head_dim, num_key_value_heads=64 // head_dim, sliding_window=window, **COMMON)
 
 
-def _model(config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
 @pytest.mark.parametrize("family", ["mistral", "phi3"])
 def test_every_layer_gets_the_configs_window(family):
-    assert [get_adapter(_model(_config(family, 16))).sliding_window(i) for i in range(3)] == [WINDOW] * 3
-    assert get_adapter(_model(_config(family, 16, None))).sliding_window(0) is None
+    assert [get_adapter(model_from_config(_config(family, 16))).sliding_window(i) for i in range(3)] == [WINDOW] * 3
+    assert get_adapter(model_from_config(_config(family, 16, None))).sliding_window(0) is None
     # a window past max_position_embeddings (256 here; Phi-3-mini-128k: 262144 of 131072) never masks anything
-    assert get_adapter(_model(_config(family, 16, 4096))).sliding_window(0) is None
+    assert get_adapter(model_from_config(_config(family, 16, 4096))).sliding_window(0) is None
 
 
 @pytest.mark.parametrize("family, head_dim, stream", [("mistral", 16, True), ("mistral", 8, False), ("phi3", 16, False),
@@ -48,7 +38,7 @@ def test_every_layer_gets_the_configs_window(family):
 def test_export_masks_past_the_window(tmp_path, family, head_dim, stream):
     """head_dim 16: GroupQueryAttention's local_window_size; 8: the plain attention graph's mask. The package's
     logits on a 40-token prompt equal transformers' (which applies the window) and differ from a window-less model's."""
-    model = _model(_config(family, head_dim))
+    model = model_from_config(_config(family, head_dim))
     src = tmp_path / "src"
     model.save_pretrained(src)
     char_tokenizer().save_pretrained(src)
@@ -62,7 +52,7 @@ def test_export_masks_past_the_window(tmp_path, family, head_dim, stream):
     ids = np.random.default_rng(0).integers(4, 128, (1, 5 * WINDOW))
     decoder = OnnxDecoder(tmp_path / "pkg")
     got, _ = decoder.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], decoder.empty_cache(1))
-    no_window = _model(_config(family, head_dim, None))
+    no_window = model_from_config(_config(family, head_dim, None))
     no_window.load_state_dict(model.state_dict())
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids)).logits.numpy()

@@ -48,8 +48,11 @@ GQA_CONFIGS = {
 
 
 def tiny_model(name: str, seed: int = 0):
+    return model_from_config(GQA_CONFIGS[name]() if name in GQA_CONFIGS else _configs()[name], seed)
+
+
+def model_from_config(config, seed: int = 0):
     torch.manual_seed(seed)
-    config = GQA_CONFIGS[name]() if name in GQA_CONFIGS else _configs()[name]
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Random init gives near-uniform logits; larger weights make differences between heads visible.
