@@ -25,9 +25,6 @@ class Continuations:
     rows: list[list[int]]
     starts: list[int]
 
-    def to_dict(self) -> dict:
-        return {"rows": self.rows, "starts": self.starts}
-
 
 def prompt_ids(tokenizer, vocab: int) -> list[list[int]]:
     """The prompts as the tokenizer encodes them (with BOS where it adds one); random ids without a tokenizer."""

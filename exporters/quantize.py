@@ -34,8 +34,8 @@ class QuantSpec:
     # the quantized LM head, GatherBlockQuantized); "fp16" keeps a separate table (fp16 in int4/int8 graphs: exact rows)
     embedding: str = "shared"
     # the 4-bit MatMuls' quantizer: rtn (min/max per block, integer zero points) | hqq (half-quadratic: scale and
-    # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: ~15x slower
-    # decode) | k-quant; MatMuls kept at 8 bits always use rtn. Measured in docs/export.md#int4-methods
+    # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: 16-24x slower
+    # decode on SmolLM2) | k-quant; MatMuls kept at 8 bits always use rtn. Measured in docs/export.md#int4-methods
     method: str = "rtn"
 
     def check(self, opset: int) -> None:

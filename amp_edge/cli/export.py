@@ -31,7 +31,7 @@ def export_cmd(
     dtype: ExportDtype = typer.Option("fp32", help="Weights of the graph.", rich_help_panel=_QUANT),
     keep_8bit: Optional[str] = typer.Option(None, help="int4 only: MatMuls kept at 8 bits, e.g. down_proj,lm_head.", rich_help_panel=_QUANT),
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8).", rich_help_panel=_QUANT),
-    quant_method: QuantMethod = typer.Option("rtn", help="int4: rtn (round to nearest, fast kernel) | hqq (fitted float zero points: closer to the source, ~15x slower decode on CPU) | k-quant.", rich_help_panel=_QUANT),
+    quant_method: QuantMethod = typer.Option("rtn", help="int4: rtn (round to nearest, fast kernel) | hqq (fitted float zero points: closer to the source, 16-24x slower decode on CPU, SmolLM2) | k-quant.", rich_help_panel=_QUANT),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute.", rich_help_panel=_QUANT),
     int8_scheme: Int8Scheme = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger).", rich_help_panel=_QUANT),
     embedding: Embedding = typer.Option("shared", help="Tied embeddings: shared (rows looked up in the LM head's weight, quantized in int4/int8) | fp16 (a separate table).", rich_help_panel=_QUANT),
