@@ -17,13 +17,35 @@ from tests.tiny import char_tokenizer
 GIB = 1024 ** 3
 
 
+@pytest.fixture
+def fast_bf16(monkeypatch):
+    """The budget's bf16 fallback asks whether this CPU computes bf16 fast (a timed matmul, amp_edge.hardware): these
+    tests fix the answer, so they test the budget and not the box (AMX machines say yes, AVX2-only ones no)."""
+    _fast_bf16(monkeypatch)
+
+
+def _fast_bf16(monkeypatch):
+    from amp_edge.recovery import budget, train
+
+    for module in (budget, train):  # the budget's choice and the trainer's precision check must agree
+        monkeypatch.setattr(module, "half_is_fast", lambda dtype, device: True)
+
+
+def test_without_fast_bf16_what_needs_it_is_refused(monkeypatch):
+    from amp_edge.recovery import budget
+
+    monkeypatch.setattr(budget, "half_is_fast", lambda dtype, device: False)
+    with pytest.raises(InvalidOptionError, match="needs about 77 GiB in fp32 .* this CPU has no fast bf16"):
+        plan_budget(3_930_000_000, "distill", "auto", "fp32", available=22 * GIB)
+
+
 def test_a_small_model_trains_in_full_fp32_as_before():
     b = plan_budget(135_000_000, "distill", "auto", "fp32", available=20 * GIB)
     assert (b.dtype, b.adapter, b.precision, b.why) == ("float32", "full", "fp32", "")
     assert b.need_bytes == footprint(135_000_000, "full", 4, teacher=True)
 
 
-def test_the_phi3_shape_distills_lora_on_bf16_weights_within_20_gib():
+def test_the_phi3_shape_distills_lora_on_bf16_weights_within_20_gib(fast_bf16):
     b = plan_budget(3_930_000_000, "distill", "auto", "fp32", available=22 * GIB)
     assert (b.dtype, b.adapter, b.precision) == ("bfloat16", "lora", "bf16")
     assert b.need_bytes < 20 * GIB and "LoRA" in b.why
@@ -64,7 +86,7 @@ def test_lora_adapter_choice_reaches_the_saved_record(tiny_dir, calib_file, tmp_
     assert bad.exit_code == 2 and "goes with --recover distill" in bad.output and not (tmp_path / "q").exists()
 
 
-def test_a_safetensors_source_teaches_layer_by_layer_within_the_budget():
+def test_a_safetensors_source_teaches_layer_by_layer_within_the_budget(fast_bf16):
     streamed = plan_budget(3_930_000_000, "distill", "auto", "fp32", available=22 * GIB, teacher_streams=True)
     copied = plan_budget(3_930_000_000, "distill", "auto", "fp32", available=22 * GIB)
     assert streamed.streamed_teacher and not copied.streamed_teacher and "layer by layer" in streamed.why
@@ -106,6 +128,7 @@ def test_distill_with_the_streamed_teacher_through_the_pipeline(tiny_dir, calib_
         made = []
         real = pipeline._teacher
         monkeypatch.setattr(pipeline, "plan_budget", tight)
+        _fast_bf16(monkeypatch)
         monkeypatch.setattr(pipeline, "_teacher", lambda *a, real=real, made=made: made.append(real(*a)) or made[-1])
         r = run_cli("prune", tiny_dir, "--out", tmp_path / str(streams), "--ratio", 0.3, "--calib", calib_file,
                     "--calib-samples", 4, "--calib-seq-len", 16, "--heads", "proportional", "--recover", "distill",
