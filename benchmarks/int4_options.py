@@ -39,13 +39,14 @@ VARIANTS = {
 
 
 def export_variant(source: str, work: Path, name: str, fields: dict) -> dict:
+    from amp_edge.models.sources import is_pruned_checkpoint
     from exporters import ExportOptions, QuantSpec, export
 
     pkg = work / name
     if (pkg / "amp_edge.json").is_file():
         return json.loads((work / f"{name}.json").read_text())
     dtype = "fp32" if name == "fp32" else "int4"
-    ratio = None if (Path(source) / "amp_edge_plan.json").is_file() else 0
+    ratio = None if is_pruned_checkpoint(source) else 0
     t0 = time.perf_counter()
     result = export(source, pkg, ExportOptions(ratio=ratio, quant=QuantSpec(dtype, **fields), min_top1=0), overwrite=True)
     seconds = time.perf_counter() - t0

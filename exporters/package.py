@@ -32,7 +32,7 @@ from exporters.attention import check_mode, gqa_layers
 from exporters.genai import genai_config
 from exporters.graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
 from exporters.quantize import QUANTIZED, QuantSpec, quantize
-from exporters.validate import compare, reference
+from exporters.validate import compare, pad_token, reference
 from exporters.wrapper import kv_layout
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,8 @@ def _continuations(model, tokenizer):
     """The in-memory model's greedy continuations of exporters.agreement's prompts (before its weights are freed)."""
     from exporters.agreement import model_forward, prompt_ids, torch_continuations
 
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    return torch_continuations(model_forward(model.float().eval()), prompt_ids(tokenizer, model.config.vocab_size), pad_id)
+    return torch_continuations(model_forward(model.float().eval()), prompt_ids(tokenizer, model.config.vocab_size),
+                               pad_token(tokenizer))
 
 
 def _validate(refs, folder: Path, opts: ExportOptions, conts=None):

@@ -35,7 +35,7 @@ class QuantSpec:
     embedding: str = "shared"
     # the 4-bit MatMuls' quantizer: rtn (min/max per block, integer zero points) | hqq (half-quadratic: scale and
     # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: 16-24x slower
-    # decode on SmolLM2) | k-quant; MatMuls kept at 8 bits always use rtn. Measured in docs/export.md#int4-methods
+    # decode on SmolLM2) | k-quant; MatMuls kept at 8 bits always use rtn. Measured in docs/export.md (int4 methods)
     method: str = "rtn"
 
     def check(self, opset: int) -> None:

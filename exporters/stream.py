@@ -26,7 +26,7 @@ from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
 from exporters.quantize import QUANTIZED, QuantSpec, float_pass, matmul_names, select, share_tied_embedding
-from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, prompts, sliding_window
+from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def validate(open_decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, paddi
     from exporters.validate import MIN_TOP1
 
     parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]), max_abs)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token(tokenizer)
     window = sliding_window(model)  # a model with one gets a prompt longer than it (exporters.validate.prompts)
     decoder = open_decoder()
     runs = []
@@ -232,7 +232,7 @@ def _continuation_agreement(open_decoder, model, ckpt: Checkpoint, tokenizer) ->
     from amp_edge.memory import release_memory
     from exporters.agreement import agreement, prompt_ids, torch_continuations
 
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token(tokenizer)
     forward = lambda ids, mask, cache: streamed_logits(model, ckpt, ids, mask, torch.float32, cache=cache)  # noqa: E731
     conts = torch_continuations(forward, prompt_ids(tokenizer, model.config.vocab_size), pad_id)
     decoder = open_decoder()

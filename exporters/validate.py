@@ -103,6 +103,11 @@ def sliding_window(model) -> int | None:
 PADDING = ("left", "right")
 
 
+def pad_token(tokenizer) -> int:
+    """The id padded rows are filled with (0 without a tokenizer or pad token: the mask hides it)."""
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
 def pad(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -130,7 +135,7 @@ def reference(model, tokenizer=None, steps: int = GREEDY_STEPS, padding: str = "
 
     ``padding``: the side the graph supports (left for the plain attention graph, right with GQA layers)."""
     model = model.float().eval()
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token(tokenizer)
     window = sliding_window(model)
     refs = []
     for name, rows in prompts(tokenizer, model.config.vocab_size, window):

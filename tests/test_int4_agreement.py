@@ -33,7 +33,8 @@ class _Fixed:
 
 def test_agreement_counts_the_continuation_positions_only():
     ref = Continuations(rows=[[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], starts=[3, 2])  # 3 + 2 continuation tokens
-    right = _Fixed(lambda prefix: {3: 4, 4: 5, 5: 6, 2: 9, 3 + 0: 4}.get(len(prefix), 0) if prefix[0] == 1
+    # the answer after a prefix of n tokens: row 1 scores n = 3, 4, 5; row 2 scores n = 2, 3
+    right = _Fixed(lambda prefix: {3: 4, 4: 5, 5: 6}.get(len(prefix), 0) if prefix[0] == 1
                    else {2: 9, 3: 10}.get(len(prefix), 0))
     assert agreement(right, ref) == 1.0
     # wrong on the row's last token and everywhere in the prompt (never scored)
