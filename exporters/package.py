@@ -26,13 +26,12 @@ from amp_edge.models.sources import LoadedModel, load_model
 from amp_edge.pruning.surgery import count_parameters
 from amp_edge.versions import versions
 from amp_edge_runtime.decoder import OnnxDecoder
-from amp_edge_runtime.session import session_options
 
 from exporters.attention import check_mode, gqa_layers
 from exporters.genai import genai_config
 from exporters.graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
 from exporters.quantize import QUANTIZED, QuantSpec, quantize
-from exporters.validate import compare, pad_token, reference
+from exporters.validate import compare, pad_token, reference, validation_options
 from exporters.wrapper import kv_layout
 
 log = logging.getLogger(__name__)
@@ -160,8 +159,6 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
     padding = "right" if gqa else "left"
     facts = {"params_after": params, "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding, "refit": None}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if opts.validate and opts.quant.dtype == "fp16":
-        require_fp16_validation_memory(params)
     try:
         with atomic_dir(out, overwrite) as tmp:
             _write_side_files(loaded, tmp)
@@ -180,7 +177,7 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
             parity = None
             if opts.validate:
                 parity = validate(lambda: OnnxDecoder(tmp, options=validation_options()), model, ckpt, tokenizer,
-                                  opts.quant.dtype, padding, opts.min_top1, opts.max_abs_diff)
+                                  opts.quant.dtype, padding, opts.min_top1, opts.max_abs_diff, folder=tmp)
                 if not parity.ok:
                     raise ExportValidationError(parity.mismatches)
             before = plan.params.get("before", params) if plan is not None else params
@@ -221,34 +218,6 @@ def _write_graph(graph, folder: Path, opts: ExportOptions, tied: bool) -> tuple[
     del graph
     release_memory()
     return files, inputs
-
-
-# ONNX Runtime's CPU provider has no fp16 MatMul on x86: it casts the weights to fp32 and constant-folds the casts, so
-# a validation session holds fp32 weights. Measured on the 32-layer Phi-3-mini shape pruned 30% (2.75B parameters,
-# 5.5 GB of fp16 weights): 11.4 GB after opening, 11.8 GB export peak (16.7 GB with graph optimizations off: the
-# casts then run per step and the arena keeps their outputs).
-FP16_SESSION_BYTES_PER_PARAM = 4.3
-FP16_SESSION_OVERHEAD = 1e9
-
-
-def require_fp16_validation_memory(params: int) -> None:
-    """Refuse, before tracing, an fp16 validation the memory cannot hold (the export alone needs far less)."""
-    from amp_edge.memory import available_bytes
-
-    need = params * FP16_SESSION_BYTES_PER_PARAM + FP16_SESSION_OVERHEAD
-    free = available_bytes()
-    if free is not None and need > free:
-        raise InvalidOptionError(
-            f"validating an fp16 package on the CPU provider needs about {need / 1e9:.1f} GB (ONNX Runtime computes fp16 "
-            f"MatMuls through fp32 copies of the {params / 1e9:.2f}B weights); {free / 1e9:.1f} GB is available: "
-            f"export with --no-validate (the export itself streams), or validate an int4/fp32 export instead")
-
-
-def validation_options():
-    """ONNX Runtime's defaults but for thread spinning (a one-off run on a possibly shared box). Prepacking stays on:
-    without it MatMulNBits dequantizes every weight on every step. Measured on the 32-layer Phi-3-mini shape pruned
-    30%, int4: 11.9 s per token and 2.35 GB peak without prepacking, 0.116 s and 2.42 GB with it."""
-    return session_options(spin=False)
 
 
 def _continuations(model, tokenizer):

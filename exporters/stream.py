@@ -26,7 +26,8 @@ from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
 from exporters.quantize import QUANTIZED, QuantSpec, float_pass, matmul_names, select, share_tied_embedding
-from exporters.validate import GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window
+from exporters.validate import (GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window,
+                               validation_options)
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
 
 log = logging.getLogger(__name__)
@@ -193,24 +194,34 @@ def _rows_alone(model, ckpt: Checkpoint, full: np.ndarray, full_mask: np.ndarray
 
 
 def validate(open_decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, padding: str, min_top1=None,
-             max_abs=None) -> Parity:
+             max_abs=None, folder: Path | None = None) -> Parity:
     """Greedy ONNX tokens, then PyTorch's logits on prompt + those tokens (teacher forcing, one pass): max |Δlogits|,
     top-1 agreement, and (fp32) whether PyTorch's greedy choice is ONNX's token at every step.
 
     ``open_decoder()`` makes the ONNX Runtime session; it is closed before the PyTorch side runs, so the peak is the
-    larger of the two, not their sum (the Llama-3.1-8B shape's int4 export: 7.9 GiB with both open)."""
+    larger of the two, not their sum (the Llama-3.1-8B shape's int4 export: 7.9 GiB with both open).
+
+    fp16 (``folder``: the package): ONNX Runtime's CPU session would hold fp32 copies of every weight, so the package
+    runs one layer at a time instead (exporters.segmented), teacher-forced on a fixed natural continuation rather than
+    its own greedy one (a layer-by-layer run cannot choose tokens); fp16 is judged on top-1 agreement, not on tokens."""
     from amp_edge.memory import release_memory
     from exporters.validate import MIN_TOP1
 
     parity = Parity(dtype, None if dtype == "fp32" else (min_top1 if min_top1 is not None else MIN_TOP1[dtype]), max_abs)
     pad_id = pad_token(tokenizer)
     window = sliding_window(model)  # a model with one gets a prompt longer than it (exporters.validate.prompts)
-    decoder = open_decoder()
-    runs = []
-    for name, rows in prompts(tokenizer, model.config.vocab_size, window):
-        ids, mask = pad(rows, pad_id, padding)
-        runs.append((name, ids, mask, *ort_greedy(decoder, ids, mask, GREEDY_STEPS)))
-    del decoder
+    shapes = [(name, *pad(rows, pad_id, padding)) for name, rows in prompts(tokenizer, model.config.vocab_size, window)]
+    if dtype == "fp16" and folder is not None:
+        from exporters.segmented import teacher_forced
+
+        fed = [np.repeat(fixed_continuation(tokenizer, model.config.vocab_size), len(ids), 0) for _, ids, _ in shapes]
+        got = teacher_forced(folder, [(ids, mask, tokens) for (_, ids, mask), tokens in zip(shapes, fed)],
+                             validation_options())
+        runs = [(name, ids, mask, tokens, g) for (name, ids, mask), tokens, g in zip(shapes, fed, got)]
+    else:
+        decoder = open_decoder()
+        runs = [(name, ids, mask, *ort_greedy(decoder, ids, mask, GREEDY_STEPS)) for name, ids, mask in shapes]
+        del decoder
     release_memory()
     for name, ids, mask, tokens, got in runs:
         full = np.concatenate([ids, tokens[:, :-1]], 1)
@@ -224,6 +235,17 @@ def validate(open_decoder, model, ckpt: Checkpoint, tokenizer, dtype: str, paddi
     if dtype in QUANTIZED:
         parity.continuation_agreement = _continuation_agreement(open_decoder, model, ckpt, tokenizer)
     return parity
+
+
+def fixed_continuation(tokenizer, vocab: int, steps: int = GREEDY_STEPS) -> np.ndarray:
+    """(1, steps) tokens of natural text (random ids without a tokenizer), fed after every prompt of a layer-by-layer
+    validation."""
+    from exporters.validate import LONG_TEXT
+
+    ids = tokenizer(" " + LONG_TEXT, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
+    if len(ids) < steps:
+        ids = np.random.default_rng(1).integers(min(4, vocab - 1), vocab, steps).tolist()
+    return np.array([ids[:steps]], dtype=np.int64)
 
 
 def _continuation_agreement(open_decoder, model, ckpt: Checkpoint, tokenizer) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from amp_edge_runtime.decoder import OnnxDecoder, last_real
+from amp_edge_runtime.session import session_options
 
 # Documented bounds. fp32 must match the PyTorch model numerically (max |Δlogits| and 32 greedy tokens).
 # Lower precisions are judged by how often the most likely next token agrees with the fp32 PyTorch model
@@ -229,6 +230,13 @@ def _teacher_forced(decoder: OnnxDecoder, ref: Reference) -> ShapeResult:
     return ShapeResult(ref.name, ids.shape[0], mask.sum(1).tolist(), continuation.shape[1] - 1, float(diff.max()),
                        float(diff.max() / span) if span else 0.0, float(agree.mean()), int(valid.sum()),
                        float(np.abs(expected[valid]).max()))
+
+
+def validation_options():
+    """ONNX Runtime's defaults but for thread spinning (a one-off run on a possibly shared box). Prepacking stays on:
+    without it MatMulNBits dequantizes every weight on every step. Measured on the 32-layer Phi-3-mini shape pruned
+    30%, int4: 11.9 s per token and 2.35 GB peak without prepacking, 0.116 s and 2.42 GB with it."""
+    return session_options(spin=False)
 
 
 def fp32_bound(logit_absmax: float, override: float | None = None) -> float:

@@ -75,22 +75,3 @@ def test_streamed_refuses_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(DiskSpaceError, match="the package needs about .* GB"):
         export(str(dense), tmp_path / "pkg", ExportOptions(ratio=0))
     assert not (tmp_path / "pkg").exists()
-
-
-def test_fp16_validation_that_would_not_fit_is_refused_before_tracing(tmp_path, monkeypatch):
-    """ONNX Runtime's CPU provider holds fp32 copies of an fp16 package's weights: refused up front when the memory
-    cannot hold them, with --no-validate named; without validation the streamed export goes ahead."""
-    import amp_edge.memory
-    import exporters.stream
-    from amp_edge.errors import InvalidOptionError
-
-    pruned_src = pruned(tmp_path, "llama", "uniform")
-    monkeypatch.setattr(amp_edge.memory, "available_bytes", lambda: 10**6)
-    traced = []
-    monkeypatch.setattr(exporters.stream, "build_graph", lambda *a, **k: traced.append(1))
-    with pytest.raises(InvalidOptionError, match=r"fp16 package on the CPU provider needs about 1\.0 GB .* --no-validate"):
-        export(str(pruned_src), tmp_path / "pkg", ExportOptions(quant=QuantSpec("fp16")))
-    assert not traced and not (tmp_path / "pkg").exists()
-    monkeypatch.undo()
-    ok = export(str(pruned_src), tmp_path / "pkg", ExportOptions(quant=QuantSpec("fp16"), validate=False))
-    assert ok.manifest["streamed"] and ok.manifest["parity"] == {"skipped": "--no-validate"}
