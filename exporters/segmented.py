@@ -128,6 +128,9 @@ class SegmentedGraph:
             for v in vals:
                 v.update({n: a for n, a in self._empty_cache(v).items() if n not in v})
         needed_after = self._needed_after()
+        opts = self.options or ort.SessionOptions()
+        # each piece's weights are read from the package's own model.onnx.data
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
         results: list[list[dict]] = [[{} for _ in seq] for seq in sequences]
         with tempfile.TemporaryDirectory(dir=self.folder) as scratch:
             for nodes, after in tqdm(list(zip(self.pieces, needed_after)), desc=desc, unit="layer", leave=False,
@@ -145,10 +148,6 @@ class SegmentedGraph:
                         if session is None:
                             _typed(model, feed)
                             onnx.save_model(model, str(path))
-                            # the piece's weights are read from the package's own model.onnx.data
-                            opts = self.options or ort.SessionOptions()
-                            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                          str(self.folder))
                             session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
                         got = dict(zip(outputs, session.run(outputs, feed)))
                         for name, value in got.items():
