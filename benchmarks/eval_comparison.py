@@ -15,6 +15,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +45,22 @@ def amp(*args: str, log: Path) -> None:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         sys.exit(f"failed ({code}): {' '.join(args[:2])}; see {log}:\n" + "".join(open(log).readlines()[-5:]))
+
+
+@contextmanager
+def row_lock(work: Path, name: str):
+    """One process at a time per row of a --work folder: a second run of the table (another ratio's, a --finished-only)
+    waits for the row's prune/export/eval in progress and then reuses it, instead of writing the same files."""
+    with open(work / f"{name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another process is building row {name} in {work}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build(row: dict, args, work: Path) -> Path:
@@ -121,8 +139,9 @@ def main() -> None:
 
     start = time.perf_counter()
     for row in rows:
-        pkg = build(row, args, work)
-        report = evaluate(row, pkg, args, work)
+        with row_lock(work, row["name"]):
+            pkg = build(row, args, work)
+            report = evaluate(row, pkg, args, work)
         manifest = json.loads((pkg / "amp_edge.json").read_text())
         row.update(package=str(pkg), params=manifest["params"]["after"], eval=report, heads_removed=heads_removed(manifest))
         seconds = work / f"{row['name']}.prune_seconds"

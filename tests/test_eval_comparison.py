@@ -106,3 +106,21 @@ def test_table_end_to_end_on_a_tiny_model(tmp_path):
     assert not (work / "wanda-sp-0.3-uniform-ckpt").exists()
     assert len(json.loads((out / "eval_comparison.json").read_text())["rows"]) == 5
     assert "not run yet (left out): wanda-sp-0.3-uniform." in (out / "eval_comparison.md").read_text()
+
+
+def test_a_row_in_progress_makes_a_second_process_wait(tmp_path):
+    """Two runs of the table on one --work folder: the second waits for the row the first is building."""
+    import threading
+    import time
+
+    lock = _module().row_lock
+    order = []
+    with lock(tmp_path, "amp-0.2-uniform"):
+        other = threading.Thread(target=lambda: (lock(tmp_path, "amp-0.2-uniform").__enter__(), order.append("second")))
+        other.start()
+        time.sleep(0.3)
+        order.append("first done")
+    other.join(5)
+    assert order == ["first done", "second"]
+    with lock(tmp_path, "amp-0.3-uniform"):  # another row is not held up
+        pass
