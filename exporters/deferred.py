@@ -18,6 +18,8 @@ import torch
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
+from exporters import grid
+
 log = logging.getLogger(__name__)
 DEFERRED = "amp_edge.deferred"  # the location a deferred initializer names until it is written (no such file)
 ALIGN = 64 * 1024  # tensors of 1 MiB and more start on a 64 KiB boundary (what onnx's own writer does: mmap-able)
@@ -27,7 +29,9 @@ ALIGN = 64 * 1024  # tensors of 1 MiB and more start on a 64 KiB boundary (what 
 class Recipe:
     sources: tuple[str, ...]  # checkpoint tensors, concatenated along dim 0
     perm: tuple[int, ...] | None = None  # a folded Transpose
-    quant: tuple[int, int, bool, str] | None = None  # (bits, block_size, symmetric, "q" | "scales" | "zp")
+    # (bits, block_size, symmetric, part): part "q" | "scales" | "zp" of round-to-nearest, "grid-q" | "grid-scales" |
+    # "grid-zp" of a weight that keeps its 4-bit grid (exporters.grid)
+    quant: tuple[int, int, bool, str] | None = None
 
 
 class WeightStore:
@@ -72,11 +76,16 @@ class WeightStore:
 
     def quantized(self, recipe: Recipe) -> np.ndarray:
         bits, block, sym, part = recipe.quant
-        key = replace(recipe, quant=(bits, block, sym, ""))
+        on_grid = part.startswith("grid-")
+        key = replace(recipe, quant=(bits, block, sym, "grid" if on_grid else ""))
         if self._cache is None or self._cache[0] != key:  # q, scales and zero points are written one after another
             self._cache = None
-            self._cache = (key, quantize_block(self.array(key), bits, block, sym))
-        return self._cache[1][("q", "scales", "zp").index(part)]
+            if on_grid:
+                fitted = grid.fit(self.array(key), block)
+                self._cache = (key, (fitted.packed, fitted.scales, fitted.zero_points))
+            else:
+                self._cache = (key, quantize_block(self.array(key), bits, block, sym))
+        return self._cache[1][("q", "scales", "zp").index(part.removeprefix("grid-"))]
 
     def bytes_of(self, t: onnx.TensorProto) -> np.ndarray:
         recipe = self.recipes[t.name]
@@ -169,6 +178,48 @@ def quantize_matmuls(graph: onnx.ModelProto, store: WeightStore, bits: int, bloc
     for t in [t for t in graph.graph.initializer if t.name not in used]:
         graph.graph.initializer.remove(t)
     return count
+
+
+def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int, exclude: set[str]) -> set[str]:
+    """exporters.grid on deferred weights: each MatMul whose weight lies on a 4-bit grid becomes the MatMulNBits that
+    keeps it. Telling reads the weight once here (its packed form is made again when written); only an fp32 checkpoint
+    can hold such a grid (bf16 rounds it off), so others are not read. Returns the block-sum MatMuls added."""
+    if store.ckpt.dtype() != torch.float32:
+        return set()
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes, augmented, sums = [], {}, set()
+    for node in tqdm(list(graph.graph.node), desc="finding 4-bit grids", unit="node", leave=False):
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        fitted = None
+        if w is not None and node.name not in exclude and is_deferred(w) and len(w.dims) == 2:
+            fitted = grid.fit(store.array(store.recipes[w.name]))
+        if fitted is None:
+            nodes.append(node)
+            continue
+        k, n = w.dims
+        x = node.input[0]
+        if x not in augmented:
+            made, consts, augmented[x] = grid.block_sum_nodes(x, k)
+            nodes += made
+            sums |= {m.name for m in made if m.op_type == "MatMul"}
+            have = {t.name for t in graph.graph.initializer}
+            graph.graph.initializer.extend(c for c in consts if c.name not in have)
+        base, blocks = store.recipes[w.name], grid.augmented_k(k) // grid.BLOCK
+        made = [store.initializer(f"{w.name}_Q4G", replace(base, quant=(4, grid.BLOCK, False, "grid-q")),
+                                  [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
+                store.initializer(f"{w.name}_Q4G_scales", replace(base, quant=(4, grid.BLOCK, False, "grid-scales")), [n, blocks]),
+                store.initializer(f"{w.name}_Q4G_zero_points", replace(base, quant=(4, grid.BLOCK, False, "grid-zp")),
+                                  [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
+        graph.graph.initializer.extend(made)
+        nodes.append(grid.matmul_node(node.name, augmented[x], [t.name for t in made], node.output[0], k, n, accuracy_level))
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    if sums and not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {i for node in graph.graph.node for i in node.input}
+    for t in [t for t in graph.graph.initializer if t.name not in used]:
+        graph.graph.initializer.remove(t)
+    return sums
 
 
 def half_embeddings(graph: onnx.ModelProto) -> int:

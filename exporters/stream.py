@@ -25,7 +25,7 @@ from amp_edge.models.layered import Checkpoint, skeleton, streamed_logits, tied_
 from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
-from exporters.quantize import QUANTIZED, QuantSpec, float_pass, matmul_names, select, share_tied_embedding
+from exporters.quantize import QUANTIZED, QuantSpec, float_pass, head_name, matmul_names, select, share_tied_embedding
 from exporters.validate import (GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window,
                                validation_options)
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 def streamable(quant: QuantSpec) -> bool:
     """Dynamic int8 re-saves the whole model through ORT's quantizer, and the hqq / k-quant quantizers run on the
-    whole graph (the streamed pass quantizes tensor by tensor with round-to-nearest): they keep the in-memory path."""
-    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic") and quant.method == "rtn"
+    whole graph (the streamed pass quantizes tensor by tensor, with round-to-nearest or a weight's own 4-bit grid):
+    they keep the in-memory path."""
+    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic") and quant.method in ("rtn", "grid")
 
 
 def load_skeleton(path: str | Path):
@@ -140,7 +141,11 @@ def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.
     if spec.dtype == "int8":
         deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
     else:
-        deferred.quantize_matmuls(graph, store, 4, spec.block_size, spec.symmetric, spec.accuracy_level, kept)
+        sums = set()
+        if spec.method == "grid" and spec.block_size == 32:  # as exporters.quantize._weight_only
+            head = {head_name(graph)} if tied and spec.embedding == "shared" else set()
+            sums = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head)
+        deferred.quantize_matmuls(graph, store, 4, spec.block_size, spec.symmetric, spec.accuracy_level, kept | sums)
         if kept:
             deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level,
                                       {n for n in matmul_names(graph) if n not in kept})

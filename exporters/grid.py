@@ -1,0 +1,125 @@
+"""int4 that keeps a 4-bit source's own grid: lossless re-quantization of weights that already lie on one.
+
+A model read from a Q4_0 / Q4_1 / Q4_K GGUF (SmolLM2-135M's and Gemma-3-270M's here) has weights that are exactly
+``d * q + m`` per block of 32 inputs, q in 0..15, with a float offset m. ONNX Runtime's fast int4 kernel (MatMulNBits,
+prepacked) computes ``scale * (q - zp)`` with an *integer* zero point, so round-to-nearest re-quantization shifts that
+grid by up to half a step: on dense SmolLM2 it agrees with its fp32 on 0.66-0.70 of next tokens. hqq's float zero points
+reproduce the grid but take a kernel path without prepacking (16-24x slower decode).
+
+Here the grid is kept on the fast kernel: ``w = d * (q - z) + r`` with z the nearest integer to -m/d and r = m + d*z the
+block's residual offset. Since ``sum_k x_k w_k = sum_blocks [d * sum (q - z) x_k] + sum_blocks r_b * S_b(x)`` with S_b the
+sum of x over block b, the MatMul becomes one MatMulNBits over ``Concat(x, S(x))``: the first K rows are the grid, the
+K/32 extra rows hold r (itself 4-bit, its only error). Cost: K/32 more rows (3%) and three small ops per distinct input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+BLOCK = 32
+SUM_SUFFIX = "/GridBlockSum"  # the block-sum MatMuls (weights 0/1: never quantized themselves)
+MIN_ON_GRID = 0.5  # share of a weight's blocks on a grid for it to keep one: an off-grid block takes min/max float
+# offsets, never a coarser step than round-to-nearest's, so the bound only skips the extra ops where little is gained
+_TOL = 1e-3  # of the grid step
+_CHUNK = 4096  # output columns examined at a time (bounds the float temporaries)
+
+
+@dataclass
+class GridWeight:
+    """MatMulNBits inputs for a (K, N) weight on its grid, over K + K/32 inputs (the block sums appended)."""
+
+    packed: np.ndarray  # (N, blocks, 16) uint8
+    scales: np.ndarray  # (N, blocks) float32
+    zero_points: np.ndarray  # (N, ceil(blocks / 2)) uint8
+    k: int  # the original K
+    on_grid: float  # share of blocks found exactly on a grid
+
+    @property
+    def k_augmented(self) -> int:
+        return augmented_k(self.k)
+
+
+def augmented_k(k: int) -> int:
+    """K plus the block sums, padded to whole blocks (MatMulNBits' fast path wants K a multiple of the block)."""
+    return k + -(-(k // BLOCK) // BLOCK) * BLOCK
+
+
+def fit(weight: np.ndarray, block: int = BLOCK) -> GridWeight | None:
+    """The grid form of a (K, N) weight, or None where it has none (K not a multiple of 32, block size other than 32,
+    or fewer than 99% of its blocks on a 16-level grid: those weights take round-to-nearest)."""
+    k, n = weight.shape
+    if block != BLOCK or k % BLOCK or k < BLOCK:
+        return None
+    parts = [_fit_columns(weight[:, c:c + _CHUNK]) for c in range(0, n, _CHUNK)]
+    if parts[0] is None:  # checked on the first columns before the rest
+        return None
+    if any(p is None for p in parts):
+        return None
+    q, s, z, r, exact = (np.concatenate([p[i] for p in parts], 0) for i in range(5))
+    on_grid = float(exact.mean())
+    if on_grid < MIN_ON_GRID:
+        return None
+    return _pack(q, s, z, r, k, on_grid)
+
+
+def _fit_columns(w: np.ndarray):
+    cols = w.shape[1]
+    b = np.ascontiguousarray(w.T, dtype=np.float64).reshape(cols, -1, BLOCK)
+    lo, hi = b.min(-1), b.max(-1)
+    srt = np.sort(b, -1)
+    gaps = np.diff(srt, axis=-1)
+    gaps[gaps <= (hi - lo)[..., None] * 1e-6] = np.inf  # equal values (one grid level) are no gap
+    step = gaps.min(-1)
+    level = (b - lo[..., None]) / np.where(np.isfinite(step), step, 1.0)[..., None]
+    exact = np.isfinite(step) & (np.abs(level - np.round(level)) < _TOL).all(-1) & (np.round(level).max(-1) <= 15)
+    exact |= hi == lo  # one value: any step
+    if exact[: min(cols, 256)].mean() < MIN_ON_GRID:
+        return None
+    s = np.where(exact & np.isfinite(step), step, (hi - lo) / 15)
+    s[s == 0] = 1.0
+    q = np.clip(np.round((b - lo[..., None]) / s[..., None]), 0, 15)
+    z = np.clip(np.round(-lo / s), 0, 15)
+    return q, s, z, lo + s * z, exact
+
+
+def _pack(q, s, z, r, k, on_grid) -> GridWeight:
+    n, kb = s.shape
+    rb = -(-kb // BLOCK)
+    padded = np.zeros((n, rb * BLOCK))
+    padded[:, :kb] = r
+    rq, rs, rz = _rtn(padded.reshape(n, rb, BLOCK))
+    levels = np.concatenate([q, rq], 1).astype(np.uint8)
+    zps = np.concatenate([z, rz], 1).astype(np.uint8)
+    if zps.shape[1] % 2:
+        zps = np.concatenate([zps, np.zeros((n, 1), np.uint8)], 1)
+    return GridWeight(packed=(levels[..., 0::2] | (levels[..., 1::2] << 4)).astype(np.uint8),
+                      scales=np.concatenate([s, rs], 1).astype(np.float32),
+                      zero_points=(zps[:, 0::2] | (zps[:, 1::2] << 4)).astype(np.uint8), k=k, on_grid=on_grid)
+
+
+def _rtn(blocks: np.ndarray):
+    """4-bit round to nearest with the range widened to hold 0 (padding rows are exact zeros), as ONNX Runtime's."""
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    s = (hi - lo) / 15
+    s[s == 0] = 1.0
+    z = np.clip(np.round(-lo / s), 0, 15)
+    return np.clip(np.round(blocks / s[..., None] + z[..., None]), 0, 15), s, z
+
+
+def block_sum_nodes(x: str, k: int) -> tuple[list, list, str]:
+    """Nodes and constants making ``Concat(x, S(x))``, S the sum of x over each block of 32 inputs, zero-padded to a
+    whole block: S = x @ E with E the (K, blocks) block indicator (one small MatMul, and K' a multiple of 32)."""
+    indicator = np.zeros((k, augmented_k(k) - k), np.float32)
+    indicator[np.arange(k), np.arange(k) // BLOCK] = 1.0
+    e, out = f"grid_block_indicator_{k}", f"{x}/grid_augmented"  # one per K, shared by the inputs of that width
+    nodes = [helper.make_node("MatMul", [x, e], [f"{x}/grid_sums"], name=x + SUM_SUFFIX),
+             helper.make_node("Concat", [x, f"{x}/grid_sums"], [out], name=f"{x}/GridConcat", axis=-1)]
+    return nodes, [numpy_helper.from_array(indicator, e)], out
+
+
+def matmul_node(name: str, x_augmented: str, inputs: list[str], output: str, k: int, n: int, accuracy_level: int):
+    attrs = dict(K=augmented_k(k), N=n, bits=4, block_size=BLOCK, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+    return helper.make_node("MatMulNBits", [x_augmented, *inputs], [output], name=name + "_Q4G", domain="com.microsoft", **attrs)
