@@ -19,16 +19,19 @@ from pathlib import Path
 
 # name -> export options (QuantSpec fields); "head8": the LM head (and with tied embeddings, the rows read from it)
 # at 8 bits; "acc0": fp32 compute instead of int8 activations
+RTN = {"method": "rtn"}
 VARIANTS = {
-    "rtn": {},
-    "rtn-acc0": {"accuracy_level": 0},
-    "rtn-b16": {"block_size": 16},
-    "rtn-b64": {"block_size": 64},
-    "rtn-sym": {"symmetric": True},
-    "rtn-head8": {"keep_8bit": ("lm_head",)},
-    "rtn-head8-down8": {"keep_8bit": ("lm_head", "down_proj")},
-    "rtn-emb16": {"embedding": "fp16"},
-    "rtn-head8-ends8": {"keep_8bit": ("lm_head", "layers.0", "layers.29")},
+    "rtn": RTN,
+    "rtn-acc0": {**RTN, "accuracy_level": 0},
+    "rtn-b16": {**RTN, "block_size": 16},
+    "rtn-b64": {**RTN, "block_size": 64},
+    "rtn-sym": {**RTN, "symmetric": True},
+    "rtn-head8": {**RTN, "keep_8bit": ("lm_head",)},
+    "rtn-head8-down8": {**RTN, "keep_8bit": ("lm_head", "down_proj")},
+    "rtn-emb16": {**RTN, "embedding": "fp16"},
+    "rtn-head8-ends8": {**RTN, "keep_8bit": ("lm_head", "layers.0", "layers.29")},
+    "grid": {"method": "grid"},
+    "grid-head8": {"method": "grid", "keep_8bit": ("lm_head",)},
     "hqq": {"method": "hqq"},
     "hqq-head8": {"method": "hqq", "keep_8bit": ("lm_head",)},
     "hqq-b64": {"method": "hqq", "block_size": 64},
