@@ -121,7 +121,7 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
         graph = _nbits(graph, spec, 8, exclude=[])
         return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
-    if spec.method == "grid":
+    if spec.method == "grid" and not spec.symmetric:  # a grid's offsets need zero points
         from exporters.grid import SUM_SUFFIX
 
         _grid(graph, spec, set(kept) | ({head_name(graph)} if tied and spec.embedding == "shared" else set()))

@@ -142,7 +142,7 @@ def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.
         deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
     else:
         sums = set()
-        if spec.method == "grid" and spec.block_size == 32:  # as exporters.quantize._weight_only
+        if spec.method == "grid" and spec.block_size == 32 and not spec.symmetric:  # as exporters.quantize._weight_only
             head = {head_name(graph)} if tied and spec.embedding == "shared" else set()
             sums = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head)
         deferred.quantize_matmuls(graph, store, 4, spec.block_size, spec.symmetric, spec.accuracy_level, kept | sums)
