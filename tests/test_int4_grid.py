@@ -17,7 +17,7 @@ from tests.tiny import save_tiny
 IDS = np.array([[5, 9, 33, 70, 12, 44, 7, 81, 3, 17, 60, 2]])
 
 
-def on_grid(w: np.ndarray, rng=None) -> np.ndarray:
+def on_grid(w: np.ndarray) -> np.ndarray:
     """A (K, N) weight snapped to a Q4_1-like grid: per block of 32 inputs, d * q + m with q in 0..15, m a float."""
     k, n = w.shape
     b = w.T.reshape(n, k // 32, 32)
