@@ -186,40 +186,24 @@ def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int
     can hold such a grid (bf16 rounds it off), so others are not read. Returns the block-sum MatMuls added."""
     if store.ckpt.dtype() != torch.float32:
         return set()
-    inits = {t.name: t for t in graph.graph.initializer}
-    nodes, augmented, sums = [], {}, set()
-    for node in tqdm(list(graph.graph.node), desc="finding 4-bit grids", unit="node", leave=False):
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        fitted = None
-        if w is not None and node.name not in exclude and is_deferred(w) and len(w.dims) == 2:
-            fitted = grid.fit(store.array(store.recipes[w.name]))
-        if fitted is None:
-            nodes.append(node)
-            continue
+    weights = {t.name: len(t.dims) for t in graph.graph.initializer}
+    matmuls = sum(n.op_type == "MatMul" and len(n.input) > 1 and weights.get(n.input[1]) == 2 for n in graph.graph.node)
+    bar = tqdm(total=matmuls, desc="finding 4-bit grids", unit="MatMul", leave=False)
+
+    def tensors(node, w):
+        bar.update(1)
+        if node.name in exclude or not is_deferred(w) or grid.fit(store.array(store.recipes[w.name])) is None:
+            return None
         k, n = w.dims
-        x = node.input[0]
-        if x not in augmented:
-            made, consts, augmented[x] = grid.block_sum_nodes(x, k)
-            nodes += made
-            sums |= {m.name for m in made if m.op_type == "MatMul"}
-            have = {t.name for t in graph.graph.initializer}
-            graph.graph.initializer.extend(c for c in consts if c.name not in have)
         base, blocks = store.recipes[w.name], grid.augmented_k(k) // grid.BLOCK
-        made = [store.initializer(f"{w.name}_Q4G", replace(base, quant=(4, grid.BLOCK, False, "grid-q")),
-                                  [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
-                store.initializer(f"{w.name}_Q4G_scales", replace(base, quant=(4, grid.BLOCK, False, "grid-scales")), [n, blocks]),
-                store.initializer(f"{w.name}_Q4G_zero_points", replace(base, quant=(4, grid.BLOCK, False, "grid-zp")),
-                                  [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
-        graph.graph.initializer.extend(made)
-        nodes.append(grid.matmul_node(node.name, augmented[x], [t.name for t in made], node.output[0], k, n, accuracy_level))
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
-    if sums and not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {i for node in graph.graph.node for i in node.input}
-    for t in [t for t in graph.graph.initializer if t.name not in used]:
-        graph.graph.initializer.remove(t)
-    return sums
+        parts = [("grid-q", [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
+                 ("grid-scales", [n, blocks], onnx.TensorProto.FLOAT),
+                 ("grid-zp", [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
+        return [store.initializer(name, replace(base, quant=(4, grid.BLOCK, False, part)), dims, dtype)
+                for name, (part, dims, dtype) in zip(grid.tensor_names(w.name), parts)]
+
+    with bar:
+        return grid.rewrite(graph, tensors, accuracy_level)
 
 
 def half_embeddings(graph: onnx.ModelProto) -> int:

@@ -14,9 +14,11 @@ K/32 extra rows hold r (itself 4-bit, its only error). Cost: K/32 more rows (3%)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
 
 BLOCK = 32
@@ -120,3 +122,41 @@ def block_sum_nodes(x: str, k: int) -> tuple[list, list, str]:
 def matmul_node(name: str, x_augmented: str, inputs: list[str], output: str, k: int, n: int, accuracy_level: int):
     attrs = dict(K=augmented_k(k), N=n, bits=4, block_size=BLOCK, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
     return helper.make_node("MatMulNBits", [x_augmented, *inputs], [output], name=name + "_Q4G", domain="com.microsoft", **attrs)
+
+
+def rewrite(graph: onnx.ModelProto, tensors: Callable[[onnx.NodeProto, onnx.TensorProto], list | None],
+            accuracy_level: int) -> set[str]:
+    """Every MatMul for which ``tensors(node, weight)`` gives the three MatMulNBits inputs of its grid form (packed
+    levels, scales, zero points, as TensorProtos; None: the weight has no grid) becomes that MatMulNBits over its
+    input with the block sums appended (one block-sum per distinct input). Shared by the in-memory and the streamed
+    export. Returns the block-sum MatMuls added (never to be quantized themselves)."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes, augmented, sums = [], {}, set()
+    for node in graph.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        made = tensors(node, w) if w is not None and len(w.dims) == 2 else None
+        if made is None:
+            nodes.append(node)
+            continue
+        k, n = w.dims
+        x = node.input[0]
+        if x not in augmented:
+            added, consts, augmented[x] = block_sum_nodes(x, k)
+            nodes += added
+            sums |= {a.name for a in added if a.op_type == "MatMul"}
+            graph.graph.initializer.extend(c for c in consts if c.name not in inits)
+            inits.update({c.name: c for c in consts})
+        graph.graph.initializer.extend(made)
+        nodes.append(matmul_node(node.name, augmented[x], [t.name for t in made], node.output[0], k, n, accuracy_level))
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    used = {i for node in graph.graph.node for i in node.input}
+    for t in [t for t in graph.graph.initializer if t.name not in used]:
+        graph.graph.initializer.remove(t)
+    if sums and not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return sums
+
+
+def tensor_names(weight: str) -> list[str]:
+    return [f"{weight}_Q4G", f"{weight}_Q4G_scales", f"{weight}_Q4G_zero_points"]

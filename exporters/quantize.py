@@ -122,11 +122,8 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
         return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
     if spec.method == "grid" and not spec.symmetric:  # a grid's offsets need zero points
-        from exporters.grid import SUM_SUFFIX
-
-        _grid(graph, spec, set(kept) | ({head_name(graph)} if tied and spec.embedding == "shared" else set()))
-        block_sums = [n for n in matmul_names(graph) if n.endswith(SUM_SUFFIX)]
-        graph = _nbits(graph, spec, 4, exclude=kept + block_sums)
+        block_sums = _grid(graph, spec, set(kept) | ({head_name(graph)} if tied and spec.embedding == "shared" else set()))
+        graph = _nbits(graph, spec, 4, exclude=kept + sorted(block_sums))
     else:
         graph = _nbits(graph, spec, 4, exclude=kept)
     if kept:
@@ -139,43 +136,22 @@ def head_name(graph: onnx.ModelProto) -> str | None:
     return next((n.name for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
 
 
-def _grid(graph: onnx.ModelProto, spec: QuantSpec, exclude: set[str]) -> int:
+def _grid(graph: onnx.ModelProto, spec: QuantSpec, exclude: set[str]) -> set[str]:
     """--quant-method grid: every MatMul whose weight lies on a 4-bit grid becomes a MatMulNBits that keeps it
     (exporters.grid); the others are left to rtn. A tied head shared with the embedding is left too (the shared table
-    is read as the head's K = hidden rows). Returns how many MatMuls kept their grid."""
+    is read as the head's K = hidden rows). Returns the block-sum MatMuls added."""
     from onnx import numpy_helper
 
     from exporters import grid
 
-    inits = {t.name: t for t in graph.graph.initializer}
-    nodes, augmented, count = [], {}, 0
-    for node in graph.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        fitted = None
-        if w is not None and node.name not in exclude and len(w.dims) == 2:
-            fitted = grid.fit(numpy_helper.to_array(w), spec.block_size)  # external weights: cwd is their folder
+    def tensors(node, w):
+        fitted = grid.fit(numpy_helper.to_array(w), spec.block_size) if node.name not in exclude else None  # cwd: weights
         if fitted is None:
-            nodes.append(node)
-            continue
-        x = node.input[0]
-        if x not in augmented:
-            made, consts, augmented[x] = grid.block_sum_nodes(x, fitted.k)
-            nodes += made
-            have = {t.name for t in graph.graph.initializer}
-            graph.graph.initializer.extend(c for c in consts if c.name not in have)
-        names = [f"{w.name}_Q4G", f"{w.name}_Q4G_scales", f"{w.name}_Q4G_zero_points"]
-        graph.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in
-                                       zip((fitted.packed, fitted.scales, fitted.zero_points), names))
-        nodes.append(grid.matmul_node(node.name, augmented[x], names, node.output[0], fitted.k, w.dims[1], spec.accuracy_level))
-        count += 1
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
-    used = {i for n in graph.graph.node for i in n.input}
-    for t in [t for t in graph.graph.initializer if t.name not in used]:
-        graph.graph.initializer.remove(t)
-    if count and not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return count
+            return None
+        return [numpy_helper.from_array(a, n) for a, n in
+                zip((fitted.packed, fitted.scales, fitted.zero_points), grid.tensor_names(w.name))]
+
+    return grid.rewrite(graph, tensors, spec.accuracy_level)
 
 
 def _embeddings(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.ModelProto:
