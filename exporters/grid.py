@@ -57,13 +57,56 @@ def fit(weight: np.ndarray, block: int = BLOCK) -> GridWeight | None:
         return None
     first = _fit_columns(weight[:, :_CHUNK])
     if first[4][:256].mean() < MIN_ON_GRID:  # told from the first columns before the rest is examined
-        return None
+        import os
+        how = os.environ.get("AMP_EDGE_GRID_FALLBACK", "none")
+        if how == "none":
+            return None
+        parts = [_fitted(weight[:, c:c + _CHUNK], how) for c in range(0, n, _CHUNK)]
+        q, s, z, r = (np.concatenate([p[i] for p in parts], 0) for i in range(4))
+        return _pack(q, s, z, r, k, 0.0)
     parts = [first] + [_fit_columns(weight[:, c:c + _CHUNK]) for c in range(_CHUNK, n, _CHUNK)]
     q, s, z, r, exact = (np.concatenate([p[i] for p in parts], 0) for i in range(5))
     on_grid = float(exact.mean())
     if on_grid < MIN_ON_GRID:
-        return None
+        import os
+        how = os.environ.get("AMP_EDGE_GRID_FALLBACK", "none")
+        if how == "none":
+            return None
+        parts = [_fitted(weight[:, c:c + _CHUNK], how) for c in range(0, n, _CHUNK)]
+        q, s, z, r = (np.concatenate([p[i] for p in parts], 0) for i in range(4))
     return _pack(q, s, z, r, k, on_grid)
+
+
+def _fitted(w: np.ndarray, how: str):
+    cols = w.shape[1]
+    b = np.ascontiguousarray(w.T, dtype=np.float64).reshape(cols, -1, BLOCK)
+    lo, hi = b.min(-1), b.max(-1)
+    if how == "hqq":
+        import torch
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+        hq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=BLOCK))
+        q, s, zf = hq.quantize_internal(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)), bits=4,
+                                        group_size=BLOCK, round_zero=False)
+        q = q.numpy().reshape(cols, -1, BLOCK).astype(np.float64)
+        s, zf = s.numpy().astype(np.float64), zf.numpy().astype(np.float64)
+        m = -s * zf
+    else:
+        s = (hi - lo) / 15
+        s[s == 0] = 1.0
+        m = lo
+        q = np.clip(np.round((b - m[..., None]) / s[..., None]), 0, 15)
+        for _ in range(int(how[2:]) if how.startswith("ls") else 0):
+            qm = q.mean(-1)
+            var = ((q - qm[..., None]) ** 2).mean(-1)
+            cov = ((q - qm[..., None]) * (b - b.mean(-1)[..., None])).mean(-1)
+            ok = var > 0
+            s = np.where(ok, cov / np.where(ok, var, 1), s)
+            s[s <= 0] = ((hi - lo) / 15)[s <= 0]
+            s[s == 0] = 1.0
+            m = np.where(ok, b.mean(-1) - s * qm, m)
+            q = np.clip(np.round((b - m[..., None]) / s[..., None]), 0, 15)
+    z = np.clip(np.round(-m / s), 0, 15)
+    return q, s, z, m + s * z
 
 
 def _fit_columns(w: np.ndarray):

@@ -47,7 +47,7 @@ def test_streamed_equals_in_memory(tmp_path, family, dtype):
 def test_streamed_gqa_graph_and_tied_int4(tmp_path):
     dense = save_tiny("qwen3-gqa", tmp_path / "dense")
     new = export(str(dense), tmp_path / "new", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0))
-    old = export(str(dense), tmp_path / "old", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=False))
+    export(str(dense), tmp_path / "old", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=False))
     assert new.manifest["graph"]["gqa_layers"] == [0, 1, 2] and new.manifest["streamed"]
     assert _ops(tmp_path / "new") == _ops(tmp_path / "old")
     assert np.abs(_logits(tmp_path / "new") - _logits(tmp_path / "old")).max() == 0.0

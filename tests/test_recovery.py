@@ -243,7 +243,7 @@ def test_spec_check_names_the_bad_value():
     for kw, match in [({"method": "prune"}, "'prune'; choose from distill, lora"), ({"steps": 0}, "steps must be >= 1, got 0"),
                       ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"lora_dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
                       ({"warmup_steps": 12}, "warmup steps must be in"), ({"schedule": "step"}, "'step'; choose from cosine, linear"),
-                      ({"precision": "fp8"}, "'fp8'; choose from fp32, bf16")]:
+                      ({"precision": "fp8"}, "'fp8'; choose from auto, fp32, bf16")]:
         with pytest.raises(InvalidOptionError, match=match):
             RecoverySpec(**{"method": "lora", "steps": 10, **kw}).check()
 
@@ -278,6 +278,54 @@ def test_cli_lora_saves_a_plain_checkpoint(tiny_dir, data_file, tmp_path):
     assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
     plan_a, plan_b = (json.loads((d / "amp_edge_plan.json").read_text()) for d in (plain, rec))
     assert plan_a["layers"] == plan_b["layers"]  # the plan replays the pruning only; recovery is recorded beside it
+
+
+def _recipe_folder(root, texts):
+    (root / "calibration").mkdir(parents=True)
+    (root / "calibration" / "c4_demo.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (root / "calibration" / "alpaca_en_demo.json").write_text(json.dumps([{"instruction": "Say", "input": "", "output": t} for t in texts]))
+    return root
+
+
+def test_plain_recover_distill_is_the_recipe(tiny_dir, tmp_path, monkeypatch):
+    """What `prune --recover distill` trains when no option is given: refit, 500 steps of 4 sequences, bf16 where it is
+    fast, on the data folder's C4 + Alpaca files; an option given wins; LoRA keeps its own defaults."""
+    from amp_edge.pruning import pipeline
+
+    asked = {}
+    monkeypatch.setattr(pipeline, "prune", lambda *a, **kw: asked.update(opts=a[2], recovery=kw["recovery"]) or 1 / 0)
+    run("prune", tiny_dir, "--recover", "distill", "--out", tmp_path / "o")
+    rec = asked["recovery"]
+    assert (rec.steps, rec.batch_size, rec.precision, rec.data) == (500, 4, "auto", None) and asked["opts"].refit is not None
+    run("prune", tiny_dir, "--recover", "distill", "--no-refit", "--recover-steps", 7, "--recover-batch-size", 2,
+        "--recover-precision", "fp32", "--out", tmp_path / "o")
+    rec = asked["recovery"]
+    assert (rec.steps, rec.batch_size, rec.precision) == (7, 2, "fp32") and asked["opts"].refit is None
+    run("prune", tiny_dir, "--recover", "lora", "--out", tmp_path / "o")
+    rec = asked["recovery"]
+    assert (rec.steps, rec.batch_size, rec.precision) == (100, 8, "fp32") and asked["opts"].refit is None
+    run("prune", tiny_dir, "--out", tmp_path / "o")
+    assert asked["recovery"] is None and asked["opts"].refit is None
+
+
+def test_recipe_data_and_precision_resolve(tiny_dir, tmp_path, monkeypatch):
+    folder = _recipe_folder(tmp_path / "data", TEXTS)
+    monkeypatch.setenv("AMP_EDGE_DATA_DIR", str(folder))
+    out = tmp_path / "out"
+    res = run("prune", tiny_dir, "--calib-samples", 4, "--calib-seq-len", 16, "--refit-samples", 4, "--refit-seq-len", 16,
+              "--recover", "distill", "--recover-steps", 2, "--recover-seq-len", 32, "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    files = f"{folder}/calibration/c4_demo.jsonl,{folder}/calibration/alpaca_en_demo.json"
+    assert info["recovery"]["data"] == files and info["refit"]["tokens"] > 0
+    assert info["recovery"]["spec"]["precision"] == ("bf16" if half_is_fast(torch.bfloat16) else "fp32")
+    assert info["recovery"]["spec"]["batch_size"] == 4
+    # Calibration on a file: recovery reads that file, as before; no data folder: the model's own samples.
+    from amp_edge.data.recovery_data import default_source
+
+    assert default_source("my.jsonl") == "my.jsonl" and default_source("self") == files
+    monkeypatch.setenv("AMP_EDGE_DATA_DIR", str(tmp_path / "none"))
+    assert default_source("self") == "self"
 
 
 def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):

@@ -48,17 +48,17 @@ def prune(
     calib_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_CALIB),
     calib_split: str = typer.Option("train", help="Split of a hub data set.", rich_help_panel=_CALIB),
     batch_size: int = typer.Option(8, help="Calibration batch size.", rich_help_panel=_CALIB),
-    refit: bool = flag("--refit", help="Refit o_proj and down_proj by least squares so the kept heads and neurons reproduce the dense layer outputs on calibration data.", panel=_REFIT),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Refit o_proj and down_proj by least squares so the kept heads and neurons reproduce the dense layer outputs on calibration data (default: on with --recover distill, the recipe).", rich_help_panel=_REFIT),
     refit_samples: int = typer.Option(128, help="Calibration samples for the refit (from --calib).", rich_help_panel=_REFIT),
     refit_seq_len: int = typer.Option(256, help="Tokens per refit sample.", rich_help_panel=_REFIT),
     refit_damp: float = typer.Option(3e-4, help="Ridge term, a fraction of the mean input energy.", rich_help_panel=_REFIT),
     recover: Optional[RecoverMethod] = typer.Option(None, help="Train the pruned model to recover: distill (from the dense model) | lora.", rich_help_panel=_REC),
-    recover_steps: int = typer.Option(100, help="Optimizer steps.", rich_help_panel=_REC),
-    recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set (default: the --calib source); several joined by commas are mixed.", rich_help_panel=_REC),
+    recover_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: 500 distill, the recipe; 100 lora).", rich_help_panel=_REC),
+    recover_data: Optional[str] = typer.Option(None, help="'self', a .txt/.jsonl/Alpaca .json file, or a hub data set; several joined by commas are mixed (default: the --calib source, or with --calib self the data folder's C4 + Alpaca demo files where present).", rich_help_panel=_REC),
     recover_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_REC),
     recover_self_samples: int = typer.Option(128, help="Sequences the dense model writes when --recover-data names 'self'.", rich_help_panel=_REC),
     recover_lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4 distill, 3e-4 lora).", rich_help_panel=_REC),
-    recover_batch_size: int = typer.Option(8, help="Sequences per step.", rich_help_panel=_REC),
+    recover_batch_size: Optional[int] = typer.Option(None, help="Sequences per step (default: 4 distill, 8 lora).", rich_help_panel=_REC),
     recover_micro_batch: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation; default: up to 4).", rich_help_panel=_REC),
     recover_seq_len: int = typer.Option(256, help="Tokens per sequence (documents packed, no padding).", rich_help_panel=_REC),
     recover_warmup: Optional[int] = typer.Option(None, help="Linear warmup steps (default 5% of the steps).", rich_help_panel=_REC),
@@ -66,7 +66,7 @@ def prune(
     recover_clip: float = typer.Option(1.0, help="Gradient norm clip (0: none).", rich_help_panel=_REC),
     recover_temperature: float = typer.Option(1.0, help="distill: softmax temperature.", rich_help_panel=_REC),
     recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
-    recover_precision: Precision = typer.Option("fp32", help="bf16: bfloat16 autocast, fp32 master weights (~2.7x faster with AMX/AVX512-BF16; fp32 is used where bf16 has no native kernels).", rich_help_panel=_REC),
+    recover_precision: Optional[Precision] = typer.Option(None, help="bf16: bfloat16 autocast, fp32 master weights (~2.7x faster with AMX/AVX512-BF16; fp32 is used where bf16 has no native kernels) | auto: bf16 where fast, else fp32 (default: auto distill, fp32 lora).", rich_help_panel=_REC),
     recover_freeze_embeddings: bool = flag("--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", panel=_REC),
     recover_adapter: RecoverAdapter = typer.Option("auto", help="distill: full (every weight, fp32) | lora (adapters, merged after) | auto (full where it fits in memory, else LoRA on bf16 weights).", rich_help_panel=_REC),
     lora_r: int = typer.Option(8, help="lora: rank.", rich_help_panel=_REC),
@@ -86,17 +86,19 @@ def prune(
     from amp_edge.pruning.pipeline import PruneOptions
     from amp_edge.pruning.pipeline import prune as run_prune
     from amp_edge.pruning.refit import RefitSpec
-    from amp_edge.recovery.train import RecoverySpec
+    from amp_edge.recovery.train import RECIPE, RecoverySpec
 
+    recipe = RECIPE[value(recover)] if recover is not None else {"refit": False}  # what an option left out means
+    refit = recipe["refit"] if refit is None else refit
     spec = CalibrationSpec(calib, calib_samples, calib_seq_len, seed, batch_size, calib_field, calib_split)
     opts = PruneOptions(ratio, value(criterion), value(allocation), value(gqa), min_keep, value(normalization), spec, seed,
                         RefitSpec(refit_damp, refit_samples, refit_seq_len) if refit else None, heads, value(ratio_of))
     recovery = None if recover is None else RecoverySpec(
-        method=value(recover), steps=recover_steps, data=recover_data, field=recover_field, lr=recover_lr,
-        batch_size=recover_batch_size, micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed,
+        method=value(recover), steps=recipe["steps"] if recover_steps is None else recover_steps, data=recover_data, field=recover_field, lr=recover_lr,
+        batch_size=recipe["batch_size"] if recover_batch_size is None else recover_batch_size, micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed,
         warmup_steps=recover_warmup, schedule=value(recover_schedule), max_grad_norm=recover_clip,
         temperature=recover_temperature, ce_weight=recover_ce_weight, freeze_embeddings=recover_freeze_embeddings,
-        precision=value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        precision=recipe["precision"] if recover_precision is None else value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
         self_samples=recover_self_samples, adapter=value(recover_adapter))
     world = distributed.init()

@@ -25,6 +25,22 @@ _ALPACA = ("Below is an instruction that describes a task. Write a response that
            "### Instruction:\n{instruction}\n\n### Response:\n{output}")
 
 
+# The recovery recipe's text (docs/recovery.md#which-recipe), under the data folder (AMP_EDGE_DATA_DIR)
+RECIPE_DATA = ("calibration/c4_demo.jsonl", "calibration/alpaca_en_demo.json")
+
+
+def default_source(calibration: str) -> str:
+    """Recovery data when --recover-data is not given: the calibration source, except that ``self`` calibration takes
+    the recipe's C4 + Alpaca files where the data folder has them (measured better: 42.8 vs 42.1 avg5 at 20%, and
+    128 self-written sequences would repeat 16 times over 500 steps)."""
+    if calibration != SELF:
+        return calibration
+    from amp_edge.evaluation.tasks import default_data_dir
+
+    files = [default_data_dir() / f for f in RECIPE_DATA]
+    return ",".join(str(f) for f in files) if all(f.is_file() for f in files) else SELF
+
+
 def _parts(source: str) -> list[str]:
     return [p.strip() for p in source.split(",") if p.strip()]
 

@@ -25,7 +25,7 @@ from amp_edge.memory import release_memory
 from amp_edge.pruning.plan import PruningPlan
 from amp_edge.recovery.budget import apply_budget, plan_budget, source_params
 from amp_edge.recovery.train import RECOVERY_FILE, RecoverySpec, recover, usable_precision
-from amp_edge.data.recovery_data import recovery_rows, recovery_texts, wants_self, write_samples
+from amp_edge.data.recovery_data import default_source, recovery_rows, recovery_texts, wants_self, write_samples
 from amp_edge.recovery.state import fingerprint, load_rows, save_rows
 from amp_edge.pruning.refit import RefitSpec, load_refitted, refit_weights
 from amp_edge.pruning.scoring import criteria, needs_calibration, score
@@ -206,7 +206,8 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
                     device_map: str | dict | None = None) -> tuple[LoadedModel, PruneResult]:
     """Load ``source`` and prune it in memory (then recover, if asked); returns the pruned model and what was done.
 
-    Recovery data defaults to the calibration source; ``self`` samples are written by the dense model.
+    Recovery data defaults to the calibration source (with ``self`` calibration, the recipe's C4 + Alpaca files where
+    the data folder has them: amp_edge.data.recovery_data.default_source); ``self`` samples are written by the dense model.
     """
     start = time.perf_counter()
     plan = PruningPlan.load(plan_path) if plan_path else None
@@ -214,9 +215,12 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         opts.check()
     elif opts.refit is not None:
         opts.refit.check()
-    if recovery is not None and recovery.data is None:
-        recovery = replace(recovery, data=opts.calibration.source, field=recovery.field or opts.calibration.field)
+    recipe_data = recovery is not None and recovery.data is None and default_source(opts.calibration.source)
+    if recipe_data:
+        recovery = replace(recovery, data=recipe_data, field=recovery.field or opts.calibration.field)
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
+    if recipe_data and recipe_data != opts.calibration.source:
+        notice(f"recovery data: {recipe_data} (the recipe's C4 + Alpaca; --recover-data chooses)")
     _precheck_architecture(source)
     if recovery is not None:  # full fp32 training where it fits, else LoRA on bf16 weights; refused before loading
         params = source_params(source)  # a safetensors folder: it can also serve as a layer-by-layer teacher

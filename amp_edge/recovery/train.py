@@ -30,10 +30,15 @@ from amp_edge.recovery.state import ResumeState, fingerprint, load_state, save_s
 log = logging.getLogger(__name__)
 METHODS = ("distill", "lora")
 SCHEDULES = ("cosine", "linear")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 ADAPTERS = ("auto", "full", "lora")
 _KL_ROWS = 128  # rows of logits the distillation loss handles at a time (bounds its vocab-wide temporaries)
 DEFAULT_LR = {"distill": 1e-4, "lora": 3e-4}
+# What `prune --recover METHOD` trains when an option is not given: the recipe measured best for a 2-core box's
+# ~2 hours on SmolLM2-135M (docs/recovery.md#which-recipe): refit first, then 500 distillation steps of 4 x 256 tokens
+# in bf16 where the CPU has bf16 kernels, on C4 + Alpaca (RECIPE_DATA) when the data folder has them
+RECIPE = {"distill": {"steps": 500, "batch_size": 4, "precision": "auto", "refit": True},
+          "lora": {"steps": 100, "batch_size": 8, "precision": "fp32", "refit": False}}
 RECOVERY_FILE = "amp_edge_recovery.json"
 Progress = Callable[[int, int, float], None]
 
@@ -129,7 +134,10 @@ class RecoverySpec:
 
 
 def usable_precision(spec: RecoverySpec, device: torch.device) -> RecoverySpec:
-    """``spec``, in fp32 when it asks for bf16 where bf16 has no fast kernels (its steps would be ~12x slower, not faster)."""
+    """``spec``, in fp32 when it asks for bf16 where bf16 has no fast kernels (its steps would be ~12x slower, not faster);
+    ``auto`` becomes bf16 where it is fast and fp32 elsewhere, without a warning."""
+    if spec.precision == "auto":
+        return replace(spec, precision="bf16" if half_is_fast(torch.bfloat16, device) else "fp32")
     if spec.precision != "bf16" or half_is_fast(torch.bfloat16, device):
         return spec
     why = ("CPU has no native bfloat16 kernels (no AVX512-BF16/AMX), where bf16 matmuls run ~100x slower than fp32"

@@ -62,7 +62,7 @@ def main() -> None:
     vs_dense, vs_amp = {**benched, **rows_by_key("dense")}, rows_by_key(r"amp\d+-R500")
     dense = vs_dense[(None, 0, False)]
     lines = ["# Recovery for every criterion: SmolLM2-135M, avg5 and WikiText-2 perplexity", "",
-             f"Made by `python benchmarks/rec_baselines/table.py` from "
+             "Made by `python benchmarks/rec_baselines/table.py` from "
              + " and ".join(str(t.relative_to(HERE.parents[1])) for t in MAIN_TABLES) + " "
              "and the compare_*.json files here (each made by `compare.sh CRITERION RATIO`). avg5: mean accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, "
              "ARC-c, first 1000 documents of each validation split; Δ: points from dense "
