@@ -48,7 +48,7 @@ def prune(
     calib_field: Optional[str] = typer.Option(None, help="Text field of .jsonl / data set records.", rich_help_panel=_CALIB),
     calib_split: str = typer.Option("train", help="Split of a hub data set.", rich_help_panel=_CALIB),
     batch_size: int = typer.Option(8, help="Calibration batch size.", rich_help_panel=_CALIB),
-    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Refit o_proj and down_proj by least squares so the kept heads and neurons reproduce the dense layer outputs on calibration data (default: on with --recover distill, the recipe).", rich_help_panel=_REFIT),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", metavar="", help="Refit o_proj and down_proj by least squares so the kept heads and neurons reproduce the dense layer outputs on calibration data (default: on with --recover distill, the recipe).", rich_help_panel=_REFIT),
     refit_samples: int = typer.Option(128, help="Calibration samples for the refit (from --calib).", rich_help_panel=_REFIT),
     refit_seq_len: int = typer.Option(256, help="Tokens per refit sample.", rich_help_panel=_REFIT),
     refit_damp: float = typer.Option(3e-4, help="Ridge term, a fraction of the mean input energy.", rich_help_panel=_REFIT),
