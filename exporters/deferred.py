@@ -30,7 +30,7 @@ class Recipe:
     sources: tuple[str, ...]  # checkpoint tensors, concatenated along dim 0
     perm: tuple[int, ...] | None = None  # a folded Transpose
     # (bits, block_size, symmetric, part): part "q" | "scales" | "zp" of round-to-nearest, "grid-q" | "grid-scales" |
-    # "grid-zp" of a weight that keeps its 4-bit grid (exporters.grid)
+    # "grid-zp" of a weight that keeps its 4-bit grid (exporters.grid), "gridfit-q" ... where one is fitted if it has none
     quant: tuple[int, int, bool, str] | None = None
 
 
@@ -76,16 +76,16 @@ class WeightStore:
 
     def quantized(self, recipe: Recipe) -> np.ndarray:
         bits, block, sym, part = recipe.quant
-        on_grid = part.startswith("grid-")
-        key = replace(recipe, quant=(bits, block, sym, "grid" if on_grid else ""))
+        kind, _, piece = part.rpartition("-")  # "grid" | "gridfit" | "" (round to nearest), then q | scales | zp
+        key = replace(recipe, quant=(bits, block, sym, kind))
         if self._cache is None or self._cache[0] != key:  # q, scales and zero points are written one after another
             self._cache = None
-            if on_grid:
-                fitted = grid.fit(self.array(key), block)
+            if kind:
+                fitted = grid.fit(self.array(key), block, fitted=kind == "gridfit")
                 self._cache = (key, (fitted.packed, fitted.scales, fitted.zero_points))
             else:
                 self._cache = (key, quantize_block(self.array(key), bits, block, sym))
-        return self._cache[1][("q", "scales", "zp").index(part.removeprefix("grid-"))]
+        return self._cache[1][("q", "scales", "zp").index(piece)]
 
     def bytes_of(self, t: onnx.TensorProto) -> np.ndarray:
         recipe = self.recipes[t.name]
@@ -180,11 +180,14 @@ def quantize_matmuls(graph: onnx.ModelProto, store: WeightStore, bits: int, bloc
     return count
 
 
-def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int, exclude: set[str]) -> set[str]:
+def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int, exclude: set[str],
+                 fitted: bool = False) -> set[str]:
     """exporters.grid on deferred weights: each MatMul whose weight lies on a 4-bit grid becomes the MatMulNBits that
     keeps it. Telling reads the weight once here (its packed form is made again when written); only an fp32 checkpoint
-    can hold such a grid (bf16 rounds it off), so others are not read. Returns the block-sum MatMuls added."""
-    if store.ckpt.dtype() != torch.float32:
+    can hold such a grid (bf16 rounds it off), so others are not read. ``fitted`` (grid-fit): every MatMul of a
+    32-multiple K takes that form, a fitted grid where it has none; nothing is read to tell. Returns the block-sum
+    MatMuls added."""
+    if store.ckpt.dtype() != torch.float32 and not fitted:
         return set()
     weights = {t.name: len(t.dims) for t in graph.graph.initializer}
     matmuls = sum(n.op_type == "MatMul" and len(n.input) > 1 and weights.get(n.input[1]) == 2 for n in graph.graph.node)
@@ -192,13 +195,16 @@ def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int
 
     def tensors(node, w):
         bar.update(1)
-        if node.name in exclude or not is_deferred(w) or grid.fit(store.array(store.recipes[w.name])) is None:
+        if node.name in exclude or not is_deferred(w):
             return None
         k, n = w.dims
+        if k % grid.BLOCK if fitted else grid.fit(store.array(store.recipes[w.name])) is None:
+            return None
         base, blocks = store.recipes[w.name], grid.augmented_k(k) // grid.BLOCK
-        parts = [("grid-q", [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
-                 ("grid-scales", [n, blocks], onnx.TensorProto.FLOAT),
-                 ("grid-zp", [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
+        kind = "gridfit" if fitted else "grid"
+        parts = [(f"{kind}-q", [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
+                 (f"{kind}-scales", [n, blocks], onnx.TensorProto.FLOAT),
+                 (f"{kind}-zp", [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
         return [store.initializer(name, replace(base, quant=(4, grid.BLOCK, False, part)), dims, dtype)
                 for name, (part, dims, dtype) in zip(grid.tensor_names(w.name), parts)]
 

@@ -20,7 +20,8 @@ INT8_SCHEMES = ("weight-only", "dynamic")
 EMBEDDINGS = ("shared", "fp16")
 # ONNX Runtime's 4-bit quantizers that need no calibration data, and grid (exporters.grid: rtn, except MatMuls whose
 # weights already lie on a 4-bit grid, which keep it exactly)
-METHODS = ("rtn", "grid", "hqq", "k-quant")
+METHODS = ("rtn", "grid", "grid-fit", "hqq", "k-quant")
+GRID_METHODS = ("grid", "grid-fit")
 MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
 
 
@@ -38,7 +39,9 @@ class QuantSpec:
     # the 4-bit MatMuls' quantizer: rtn (min/max per block, integer zero points) | hqq (half-quadratic: scale and
     # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: 16-24x slower
     # decode on SmolLM2) | k-quant | grid (rtn, but a weight already on a 4-bit grid, as read from a Q4 GGUF, keeps it
-    # exactly, on the fast kernel: exporters.grid); MatMuls kept at 8 bits always use rtn. Measured in docs/export.md.
+    # exactly, on the fast kernel: exporters.grid) | grid-fit (grid, and a weight on no grid gets least-squares fitted
+    # float offsets through the same block sums instead of rtn); MatMuls kept at 8 bits always use rtn. Measured in
+    # docs/export.md.
     # grid is the default: re-quantizing a 4-bit source to 4 bits should lose nothing (dense SmolLM2: top-1 on the
     # fp32 model's continuations 0.65 -> 0.84-0.86, decode 13% slower); where no weight has a grid it is rtn exactly
     method: str = "grid"
@@ -121,7 +124,7 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
         graph = _nbits(graph, spec, 8, exclude=[])
         return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
-    if spec.method == "grid" and not spec.symmetric:  # a grid's offsets need zero points
+    if spec.method in GRID_METHODS and not spec.symmetric:  # a grid's offsets need zero points
         block_sums = _grid(graph, spec, set(kept) | ({head_name(graph)} if tied and spec.embedding == "shared" else set()))
         graph = _nbits(graph, spec, 4, exclude=kept + sorted(block_sums))
     else:
@@ -145,7 +148,8 @@ def _grid(graph: onnx.ModelProto, spec: QuantSpec, exclude: set[str]) -> set[str
     from exporters import grid
 
     def tensors(node, w):
-        fitted = grid.fit(numpy_helper.to_array(w), spec.block_size) if node.name not in exclude else None  # cwd: weights
+        fitted = (grid.fit(numpy_helper.to_array(w), spec.block_size, fitted=spec.method == "grid-fit")  # cwd: weights
+                  if node.name not in exclude else None)
         if fitted is None:
             return None
         return [numpy_helper.from_array(a, n) for a, n in

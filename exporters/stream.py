@@ -25,7 +25,7 @@ from amp_edge.models.layered import Checkpoint, skeleton, streamed_logits, tied_
 from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
-from exporters.quantize import QUANTIZED, QuantSpec, float_pass, head_name, matmul_names, select, share_tied_embedding
+from exporters.quantize import GRID_METHODS, QUANTIZED, QuantSpec, float_pass, head_name, matmul_names, select, share_tied_embedding
 from exporters.validate import (GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window,
                                validation_options)
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
@@ -37,7 +37,7 @@ def streamable(quant: QuantSpec) -> bool:
     """Dynamic int8 re-saves the whole model through ORT's quantizer, and the hqq / k-quant quantizers run on the
     whole graph (the streamed pass quantizes tensor by tensor, with round-to-nearest or a weight's own 4-bit grid):
     they keep the in-memory path."""
-    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic") and quant.method in ("rtn", "grid")
+    return not (quant.dtype == "int8" and quant.int8_scheme == "dynamic") and quant.method in ("rtn", *GRID_METHODS)
 
 
 def load_skeleton(path: str | Path):
@@ -142,9 +142,9 @@ def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.
         deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
     else:
         sums = set()
-        if spec.method == "grid" and spec.block_size == 32 and not spec.symmetric:  # as exporters.quantize._weight_only
+        if spec.method in GRID_METHODS and spec.block_size == 32 and not spec.symmetric:  # as quantize._weight_only
             head = {head_name(graph)} if tied and spec.embedding == "shared" else set()
-            sums = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head)
+            sums = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head, fitted=spec.method == "grid-fit")
         deferred.quantize_matmuls(graph, store, 4, spec.block_size, spec.symmetric, spec.accuracy_level, kept | sums)
         if kept:
             deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level,
