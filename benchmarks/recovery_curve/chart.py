@@ -90,7 +90,8 @@ def chart(rows: list[dict], path: Path) -> None:
                       marker="o", color=color, capsize=3, label=f"AMP {ratio:.0%}, refit + distill")
         right.plot(xs, [r["perplexity"] for r in curve], marker="o", color=color, label=f"AMP {ratio:.0%}")
         for r in raw:
-            left.plot([0], [r["averages"]["avg5"]], marker="x", color=color, linestyle="none")
+            left.plot([0], [r["averages"]["avg5"]], marker="x", color=color, linestyle="none",
+                      label=f"AMP {ratio:.0%}, pruned (no refit)")
             right.plot([0], [r["perplexity"]], marker="x", color=color, linestyle="none")
     left.axhline(dense["averages"]["avg5"], color="k", linestyle="--", label="dense")
     right.axhline(dense["perplexity"], color="k", linestyle="--", label="dense")
@@ -98,6 +99,10 @@ def chart(rows: list[dict], path: Path) -> None:
              title="zero-shot, n=1000 per task")
     right.set(xlabel="distillation steps (4 x 256 tokens)", ylabel="WikiText-2 perplexity", yscale="log",
               title="perplexity (x: pruned, before refit)")
+    from matplotlib.ticker import ScalarFormatter
+
+    right.yaxis.set_major_formatter(ScalarFormatter())
+    right.yaxis.set_minor_formatter(ScalarFormatter())
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M: recovery against steps")
