@@ -74,6 +74,28 @@ def test_distillation_lowers_kl_to_teacher_on_held_out_text(rows, family, alloca
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+def test_hidden_state_matching_is_zero_on_the_teacher_and_brings_layers_closer(rows):
+    from amp_edge.recovery.train import _hidden_loss
+
+    dense, student = _pruned("llama")
+    ids = rows[:4]
+
+    def hidden(model):
+        with torch.no_grad():
+            return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+    t = hidden(dense)
+    assert len(t) == dense.config.num_hidden_layers + 1
+    assert _hidden_loss(t, t).item() == 0.0
+    before = _hidden_loss(hidden(student), t).item()
+    after = {}
+    for weight in (0.0, 1.0):
+        trained = copy.deepcopy(student)
+        recover(trained, dense, char_tokenizer(), _spec("distill", steps=20, hidden_weight=weight), data=rows, progress=False)
+        after[weight] = _hidden_loss(hidden(trained), t).item()
+    assert after[1.0] < 0.8 * before and after[1.0] < 0.8 * after[0.0], (before, after)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_distillation_loss_equals_autograd_kl(temperature):
     from amp_edge.recovery.train import _KLToTeacher

@@ -66,6 +66,7 @@ def prune(
     recover_clip: float = typer.Option(1.0, help="Gradient norm clip (0: none).", rich_help_panel=_REC),
     recover_temperature: float = typer.Option(1.0, help="distill: softmax temperature.", rich_help_panel=_REC),
     recover_ce_weight: float = typer.Option(0.0, help="distill: add this times the cross-entropy on the data.", rich_help_panel=_REC),
+    recover_hidden_weight: float = typer.Option(0.0, help="distill: add this times the relative squared error of each layer's output against the teacher's.", rich_help_panel=_REC),
     recover_precision: Optional[Precision] = typer.Option(None, help="bf16: bfloat16 autocast, fp32 master weights (~2.7x faster with AMX/AVX512-BF16; fp32 is used where bf16 has no native kernels) | auto: bf16 where fast, else fp32 (default: auto distill, fp32 lora).", rich_help_panel=_REC),
     recover_freeze_embeddings: bool = flag("--recover-freeze-embeddings", help="distill: keep the token embedding (and the LM head tied to it) fixed.", panel=_REC),
     recover_adapter: RecoverAdapter = typer.Option("auto", help="distill: full (every weight, fp32) | lora (adapters, merged after) | auto (full where it fits in memory, else LoRA on bf16 weights).", rich_help_panel=_REC),
@@ -97,7 +98,7 @@ def prune(
         method=value(recover), steps=recipe["steps"] if recover_steps is None else recover_steps, data=recover_data, field=recover_field, lr=recover_lr,
         batch_size=recipe["batch_size"] if recover_batch_size is None else recover_batch_size, micro_batch_size=recover_micro_batch, seq_len=recover_seq_len, seed=seed,
         warmup_steps=recover_warmup, schedule=value(recover_schedule), max_grad_norm=recover_clip,
-        temperature=recover_temperature, ce_weight=recover_ce_weight, freeze_embeddings=recover_freeze_embeddings,
+        temperature=recover_temperature, ce_weight=recover_ce_weight, hidden_weight=recover_hidden_weight, freeze_embeddings=recover_freeze_embeddings,
         precision=recipe["precision"] if recover_precision is None else value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
         self_samples=recover_self_samples, adapter=value(recover_adapter))

@@ -61,6 +61,7 @@ class RecoverySpec:
     weight_decay: float = 0.0
     temperature: float = 1.0  # distill
     ce_weight: float = 0.0  # distill: loss = KL + ce_weight * cross-entropy on the data
+    hidden_weight: float = 0.0  # distill: + hidden_weight * each layer's output matched to the teacher's (_hidden_loss)
     freeze_embeddings: bool = False  # distill; with tied embeddings this freezes the LM head too
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -115,7 +116,7 @@ class RecoverySpec:
         for name in ("learning_rate", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise InvalidOptionError(f"recovery {name.replace('learning_rate', 'lr')} must be > 0, got {getattr(self, name)}")
-        for name in ("max_grad_norm", "weight_decay", "ce_weight"):
+        for name in ("max_grad_norm", "weight_decay", "ce_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise InvalidOptionError(f"recovery {name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
@@ -312,15 +313,26 @@ def _step(model, teacher, params, optimizer, batch: torch.Tensor, spec: Recovery
 def _distill_loss(student, teacher, ids: torch.Tensor, spec: RecoverySpec) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions at every position (× T², as Hinton et al.)."""
     teacher.eval()
+    hidden = spec.hidden_weight > 0
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits.flatten(0, 1)
-    logits = student(input_ids=ids, use_cache=False).logits
-    s_logits = logits.flatten(0, 1)
+        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    s_logits, t_logits = out.logits.flatten(0, 1), t_out.logits.flatten(0, 1)
     loss = _KLToTeacher.apply(s_logits, t_logits, spec.temperature) / s_logits.shape[0] * spec.temperature ** 2
     if spec.ce_weight:
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss = loss + spec.ce_weight * ce
+    if hidden:
+        loss = loss + spec.hidden_weight * _hidden_loss(out.hidden_states, t_out.hidden_states)
     return loss
+
+
+def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2 (pruning keeps the hidden size, so the layers' outputs
+    line up one to one). Relative per layer: the residual stream grows with depth and would let the last layers rule."""
+    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+             for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(terms).mean()
 
 
 class _KLToTeacher(torch.autograd.Function):
