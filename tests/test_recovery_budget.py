@@ -142,3 +142,19 @@ def test_distill_with_the_streamed_teacher_through_the_pipeline(tiny_dir, calib_
     # bf16 both; measured 1.7323 vs 1.7341 (the copy's .to(bfloat16) also rounds its rotary buffers, the skeleton's
     # stay fp32); a broken teacher (wrong layer, stale weights) moves the loss far more
     assert rec["first_loss"] == pytest.approx(rec_copy["first_loss"], rel=1e-2)
+
+
+def test_hidden_state_matching_with_the_streamed_teacher_is_refused_before_loading(tiny_dir, calib_file, tmp_path, monkeypatch):
+    """The layer-by-layer teacher gives logits only: --recover-hidden-weight there is one line, before the model loads."""
+    import amp_edge.pruning.pipeline as pipeline
+    from amp_edge.recovery import budget as budget_mod
+
+    monkeypatch.setattr(pipeline, "plan_budget", lambda params, method, adapter, precision, **kw: budget_mod.plan_budget(
+        10**9, method, adapter, precision, available=6 * GIB, teacher_streams=True))
+    _fast_bf16(monkeypatch)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    out = tmp_path / "out"
+    r = run_cli("prune", tiny_dir, "--out", out, "--ratio", 0.3, "--calib", calib_file, "--recover", "distill",
+                "--recover-hidden-weight", 1, "--recover-steps", 3)
+    assert r.exit_code != 0 and "--recover-hidden-weight 1.0 needs the teacher in memory" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()

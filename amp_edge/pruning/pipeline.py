@@ -226,6 +226,9 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
         params = source_params(source)  # a safetensors folder: it can also serve as a layer-by-layer teacher
         budget = plan_budget(params, recovery.method, recovery.adapter, recovery.precision, teacher_streams=params is not None)
         dtype, recovery = budget.dtype, apply_budget(recovery, budget)
+        if budget.streamed_teacher and recovery.hidden_weight:  # the layer-by-layer teacher gives logits only
+            raise InvalidOptionError(f"--recover-hidden-weight {recovery.hidden_weight} needs the teacher in memory; "
+                                     "this model's teacher is read layer by layer (too large for a copy)")
     loaded = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     adapter = get_adapter(loaded.model)
     before_shapes = adapter.shapes()

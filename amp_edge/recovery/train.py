@@ -330,8 +330,10 @@ def _distill_loss(student, teacher, ids: torch.Tensor, spec: RecoverySpec) -> to
 def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
     """Mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2 (pruning keeps the hidden size, so the layers' outputs
     line up one to one). Relative per layer: the residual stream grows with depth and would let the last layers rule."""
-    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
-             for s, t in zip(student[1:], teacher[1:])]
+    terms = []
+    for s, t in zip(student[1:], teacher[1:]):
+        t = t.float()
+        terms.append(((s.float() - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
 
 
