@@ -32,6 +32,7 @@ VARIANTS = {
     "rtn-head8-down8": {**RTN, "keep_8bit": ("lm_head", "down_proj")},
     "rtn-emb16": {**RTN, "embedding": "fp16"},
     "rtn-head8-ends8": {**RTN, "keep_8bit": ("lm_head", "layers.0", "layers.29")},
+    "auto": {"method": "auto"},
     "grid": {"method": "grid"},
     "grid-head8": {"method": "grid", "keep_8bit": ("lm_head",)},
     "grid-emb16": {"method": "grid", "embedding": "fp16"},

@@ -181,27 +181,39 @@ def quantize_matmuls(graph: onnx.ModelProto, store: WeightStore, bits: int, bloc
 
 
 def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int, exclude: set[str],
-                 fitted: bool = False) -> set[str]:
+                 fitted: bool = False, candidates: frozenset[str] | set[str] = frozenset()) -> tuple[set[str], set[str]]:
     """exporters.grid on deferred weights: each MatMul whose weight lies on a 4-bit grid becomes the MatMulNBits that
     keeps it. Telling reads the weight once here (its packed form is made again when written); only an fp32 checkpoint
-    can hold such a grid (bf16 rounds it off), so others are not read. ``fitted`` (grid-fit): every MatMul of a
-    32-multiple K takes that form, a fitted grid where it has none; nothing is read to tell. Returns the block-sum
-    MatMuls added."""
-    if store.ckpt.dtype() != torch.float32 and not fitted:
-        return set()
+    can hold such a grid (bf16 rounds it off), so others are not read. ``fitted`` (grid-fit, auto): every other MatMul
+    of a 32-multiple K takes that form, a fitted grid where it has none; nothing is read to tell, except for
+    ``candidates`` (auto's LM head and MLP outputs), which keep an exact grid or are left for 8 bits. Returns the
+    block-sum MatMuls added and the candidates on no grid."""
+    fp32 = store.ckpt.dtype() == torch.float32
+    if not fp32 and not fitted:
+        return set(), set()
     weights = {t.name: len(t.dims) for t in graph.graph.initializer}
     matmuls = sum(n.op_type == "MatMul" and len(n.input) > 1 and weights.get(n.input[1]) == 2 for n in graph.graph.node)
     bar = tqdm(total=matmuls, desc="finding 4-bit grids", unit="MatMul", leave=False)
+    off_grid = set()
+
+    def on_grid(w) -> bool:
+        return fp32 and w.dims[0] % grid.BLOCK == 0 and grid.fit(store.array(store.recipes[w.name])) is not None
 
     def tensors(node, w):
         bar.update(1)
         if node.name in exclude or not is_deferred(w):
             return None
         k, n = w.dims
-        if k % grid.BLOCK if fitted else grid.fit(store.array(store.recipes[w.name])) is None:
+        if node.name in candidates or not fitted:
+            if not on_grid(w):
+                off_grid.update({node.name} & candidates)
+                return None
+            kind = "grid"
+        elif k % grid.BLOCK:
             return None
+        else:
+            kind = "gridfit"
         base, blocks = store.recipes[w.name], grid.augmented_k(k) // grid.BLOCK
-        kind = "gridfit" if fitted else "grid"
         parts = [(f"{kind}-q", [n, blocks, grid.BLOCK // 2], onnx.TensorProto.UINT8),
                  (f"{kind}-scales", [n, blocks], onnx.TensorProto.FLOAT),
                  (f"{kind}-zp", [n, (blocks + 1) // 2], onnx.TensorProto.UINT8)]
@@ -209,7 +221,7 @@ def grid_matmuls(graph: onnx.ModelProto, store: WeightStore, accuracy_level: int
                 for name, (part, dims, dtype) in zip(grid.tensor_names(w.name), parts)]
 
     with bar:
-        return grid.rewrite(graph, tensors, accuracy_level)
+        return grid.rewrite(graph, tensors, accuracy_level), off_grid
 
 
 def half_embeddings(graph: onnx.ModelProto) -> int:

@@ -30,7 +30,7 @@ from amp_edge_runtime.decoder import OnnxDecoder
 from exporters.attention import check_mode, gqa_layers
 from exporters.genai import genai_config
 from exporters.graph import MIN_OPSET, OPTIMIZE_LEVELS, GraphSpec, export_graph, materialize_weights, save_graph
-from exporters.quantize import QUANTIZED, QuantSpec, quantize
+from exporters.quantize import QUANTIZED, QuantSpec, quantize, weight_kinds
 from exporters.validate import compare, pad_token, reference, validation_options
 from exporters.wrapper import kv_layout
 
@@ -93,6 +93,7 @@ def export(source: str, out: str | Path, opts: ExportOptions, overwrite: bool = 
             return _export_streamed(source, folder, out, opts, overwrite, start)
     loaded, plan, params_before, refit = _model(source, opts)
     model = loaded.model
+    opts.quant = _with_mlp_out(opts.quant, model)
     gqa = gqa_layers(model, opts.graph.attention)
     # GroupQueryAttention supports right padding only (it keeps each row's valid tokens as a prefix): a graph
     # with GQA layers is validated on a right-padded batch, the plain graph on a left-padded one
@@ -159,6 +160,7 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
     padding = "right" if gqa else "left"
     facts = {"params_after": params, "kv_layout": kv_layout(model), "gqa_layers": gqa, "padding": padding, "refit": None}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    opts.quant = _with_mlp_out(opts.quant, model)
     try:
         with atomic_dir(out, overwrite) as tmp:
             _write_side_files(loaded, tmp)
@@ -187,6 +189,20 @@ def _export_streamed(source: str, folder: Path, out: Path, opts: ExportOptions, 
     except OSError as e:
         raise _write_error(e, out) from None
     return ExportResult(str(out), manifest)
+
+
+def _with_mlp_out(quant: QuantSpec, model) -> QuantSpec:
+    """``quant`` naming the model's MLP output projection (its adapter's; int4 auto keeps those at 8 bits off-grid)."""
+    from amp_edge.models.adapters import get_adapter
+
+    return replace(quant, mlp_out=getattr(get_adapter(model), "mlp_out_name", quant.mlp_out))
+
+
+def _weight_kinds(folder: Path, quant: QuantSpec) -> dict:
+    """int4/int8: {"matmuls": how many weight MatMuls took each precision} (auto decides per weight)."""
+    if quant.dtype not in QUANTIZED or not (folder / "model.onnx").is_file():
+        return {}
+    return {"matmuls": weight_kinds(onnx.load(str(folder / "model.onnx"), load_external_data=False))}
 
 
 def _model(source: str, opts: ExportOptions) -> tuple[LoadedModel, PruningPlan | None, int, dict | None]:
@@ -283,7 +299,7 @@ def _manifest(source, loaded, plan, params_before, facts, opts: ExportOptions, f
         "graph": {"opset": opts.graph.opset, "optimize": opts.graph.optimize, "files": [f.name for f in files],
                   "pack_mlp": opts.graph.pack_mlp,
                   "attention": opts.graph.attention, "gqa_layers": facts["gqa_layers"], "padding": facts["padding"]},
-        "quantization": opts.quant.to_dict(),
+        "quantization": {**opts.quant.to_dict(), **_weight_kinds(folder, opts.quant)},
         "file_sizes": sizes,
         "onnx_bytes": sum(sizes[f.name] for f in files),
         "parity": parity.to_dict() if parity is not None else {"skipped": "--no-validate"},

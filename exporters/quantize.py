@@ -20,9 +20,11 @@ INT8_SCHEMES = ("weight-only", "dynamic")
 EMBEDDINGS = ("shared", "fp16")
 # ONNX Runtime's 4-bit quantizers that need no calibration data, and grid (exporters.grid: rtn, except MatMuls whose
 # weights already lie on a 4-bit grid, which keep it exactly)
-METHODS = ("rtn", "grid", "grid-fit", "hqq", "k-quant")
-GRID_METHODS = ("grid", "grid-fit")
+METHODS = ("auto", "rtn", "grid", "grid-fit", "hqq", "k-quant")
+GRID_METHODS = ("auto", "grid", "grid-fit")
+FITTED_METHODS = ("auto", "grid-fit")  # a weight on no grid gets a fitted one (exporters.grid.fit(..., fitted=True))
 MIN_QUANT_OPSET = 17  # what ONNX Runtime's weight-only quantizer is tested with
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,14 @@ class QuantSpec:
     # float zero point fitted per block; ONNX Runtime's CPU kernel does not prepack float zero points: 16-24x slower
     # decode on SmolLM2) | k-quant | grid (rtn, but a weight already on a 4-bit grid, as read from a Q4 GGUF, keeps it
     # exactly, on the fast kernel: exporters.grid) | grid-fit (grid, and a weight on no grid gets least-squares fitted
-    # float offsets through the same block sums instead of rtn); MatMuls kept at 8 bits always use rtn. Measured in
-    # docs/export.md.
-    # grid is the default: re-quantizing a 4-bit source to 4 bits should lose nothing (dense SmolLM2: top-1 on the
-    # fp32 model's continuations 0.65 -> 0.84-0.86, decode 13% slower); where no weight has a grid it is rtn exactly
-    method: str = "grid"
+    # float offsets through the same block sums instead of rtn) | auto (grid-fit, and the LM head and the MLP's output
+    # projections take 8 bits where their weight is on no 4-bit grid). MatMuls kept at 8 bits always use rtn.
+    # auto is the default: a 4-bit source keeps its grid exactly and its 8-bit table stays 8-bit (dense SmolLM2: top-1
+    # on the fp32 model's continuations 0.84 -> 0.97); a trained model's weights, on no grid, get the mix that measured
+    # best (recovered SmolLM2 30%: 0.69 -> 0.84). Sizes and speeds in docs/export.md. With --symmetric or a block size
+    # other than 32 no weight has a grid form: auto and grid are rtn there.
+    method: str = "auto"
+    mlp_out: str = "down_proj"  # the MLP's output projection's name (the adapter's mlp_out_name; auto's 8-bit set)
 
     def check(self, opset: int) -> None:
         if self.dtype not in DTYPES:
@@ -124,8 +129,10 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
         graph = _nbits(graph, spec, 8, exclude=[])
         return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
-    if spec.method in GRID_METHODS and not spec.symmetric:  # a grid's offsets need zero points
-        block_sums = _grid(graph, spec, set(kept) | ({head_name(graph)} if tied and spec.embedding == "shared" else set()))
+    if spec.method in GRID_METHODS and not spec.symmetric and spec.block_size == 32:  # a grid's offsets need zero points
+        shared_head = ({head_name(graph)} if tied and spec.embedding == "shared" else set()) - {None}
+        block_sums, off_grid = _grid(graph, spec, set(kept) | shared_head)
+        kept += sorted(eight_bit_auto(spec, off_grid, shared_head) - set(kept))
         graph = _nbits(graph, spec, 4, exclude=kept + sorted(block_sums))
     else:
         graph = _nbits(graph, spec, 4, exclude=kept)
@@ -134,28 +141,74 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
     return _embeddings(graph, spec, tied)
 
 
+def weight_kinds(graph: onnx.ModelProto) -> dict[str, int]:
+    """How many of a graph's weight MatMuls went where: "4-bit grid" (exporters.grid), "4-bit", "8-bit", "float"."""
+    from exporters.grid import SUM_SUFFIX  # the block sums' 0/1 MatMuls are not weights
+
+    inits = {t.name for t in graph.graph.initializer}
+    kinds: dict[str, int] = {}
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            kind = f"{bits}-bit grid" if n.name.endswith("_Q4G") else f"{bits}-bit"
+        elif n.op_type == "MatMul" and any(i in inits for i in n.input[1:]) and not n.name.endswith(SUM_SUFFIX):
+            kind = "float"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def head_name(graph: onnx.ModelProto) -> str | None:
     """The LM head's MatMul (the node making "logits")."""
     return next((n.name for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
 
 
-def _grid(graph: onnx.ModelProto, spec: QuantSpec, exclude: set[str]) -> set[str]:
-    """--quant-method grid: every MatMul whose weight lies on a 4-bit grid becomes a MatMulNBits that keeps it
-    (exporters.grid); the others are left to rtn. A tied head shared with the embedding is left too (the shared table
-    is read as the head's K = hidden rows). Returns the block-sum MatMuls added."""
+def auto_candidates(graph: onnx.ModelProto, spec: QuantSpec) -> set[str]:
+    """--quant-method auto: the MatMuls that take 8 bits where their weight is on no 4-bit grid, the LM head and the
+    MLP's output projections (on a recovered SmolLM2 each raised top-1 agreement by 0.06-0.08; docs/export.md)."""
+    if spec.method != "auto":
+        return set()
+    head = head_name(graph)
+    return {n for n in matmul_names(graph) if spec.mlp_out in n.split("/") or n == head}
+
+
+def eight_bit_auto(spec: QuantSpec, off_grid: set[str], shared_head: set[str]) -> set[str]:
+    """auto's MatMuls at 8 bits: the candidates found on no grid, and a head shared with the embedding table (the
+    table is read as the head's rows, so it never takes the grid form)."""
+    if spec.method != "auto":
+        return set()
+    eight = off_grid | shared_head
+    if eight:
+        parts = sorted({n.split("/")[-2] if n.count("/") > 1 else n for n in eight})
+        log.info("int4 auto: %d MatMuls at 8 bits, on no 4-bit grid or shared with the embedding (%s)", len(eight),
+                 ", ".join(parts))
+    return eight
+
+
+def _grid(graph: onnx.ModelProto, spec: QuantSpec, exclude: set[str]) -> tuple[set[str], set[str]]:
+    """--quant-method grid / grid-fit / auto: every MatMul whose weight lies on a 4-bit grid becomes a MatMulNBits that
+    keeps it (exporters.grid); the others are left to rtn (grid) or get a fitted grid (grid-fit, auto), except auto's
+    candidates, which are left for 8 bits. A tied head shared with the embedding is left too (the shared table is read
+    as the head's K = hidden rows). Returns the block-sum MatMuls added and the candidates on no grid."""
     from onnx import numpy_helper
 
     from exporters import grid
 
+    candidates, off_grid = auto_candidates(graph, spec) - exclude, set()
+
     def tensors(node, w):
-        fitted = (grid.fit(numpy_helper.to_array(w), spec.block_size, fitted=spec.method == "grid-fit")  # cwd: weights
-                  if node.name not in exclude else None)
+        if node.name in exclude:
+            return None
+        weight = numpy_helper.to_array(w)  # cwd: the weights
+        fitted = grid.fit(weight, spec.block_size, fitted=spec.method in FITTED_METHODS and node.name not in candidates)
         if fitted is None:
+            off_grid.update({node.name} & candidates)
             return None
         return [numpy_helper.from_array(a, n) for a, n in
                 zip((fitted.packed, fitted.scales, fitted.zero_points), grid.tensor_names(w.name))]
 
-    return grid.rewrite(graph, tensors, spec.accuracy_level)
+    return grid.rewrite(graph, tensors, spec.accuracy_level), off_grid
 
 
 def _embeddings(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.ModelProto:

@@ -175,7 +175,7 @@ def test_bad_attention_value(tmp_path):
 def test_int4_gqa_graph_validates_and_keeps_8bit_by_packed_name(tmp_path):
     dense = save_tiny("llama-gqa", tmp_path / "dense")
     # measured top-1 agreement 0.482 (all-int4: 0.313)
-    q = export(str(dense), tmp_path / "int4", ExportOptions(ratio=0, quant=QuantSpec("int4", keep_8bit=("qkv_proj", "lm_head")),
+    q = export(str(dense), tmp_path / "int4", ExportOptions(ratio=0, quant=QuantSpec("int4", method="rtn", keep_8bit=("qkv_proj", "lm_head")),
                                                             min_top1=0.43))
     assert q.manifest["parity"]["ok"] and q.manifest["graph"]["gqa_layers"] == [0, 1, 2]
     g = _graph(tmp_path / "int4")

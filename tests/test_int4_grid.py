@@ -1,5 +1,6 @@
-"""int4 that keeps a 4-bit source's grid (exporters.grid, --quant-method grid, the default): exact on weights that lie
-on one, round-to-nearest elsewhere, the same graph from both export paths."""
+"""int4 that keeps a 4-bit source's grid (exporters.grid, --quant-method grid): exact on weights that lie on one,
+round-to-nearest elsewhere (grid-fit: a fitted grid), the same graph from both export paths; auto, the default: grid-fit
+with the LM head and the MLP output projections at 8 bits where their weights are on no grid."""
 
 from __future__ import annotations
 
@@ -95,15 +96,16 @@ def test_grid_export_is_closer_to_fp32_than_rtn_and_both_paths_agree(tmp_path, s
     assert made["grid"].manifest["parity"]["continuation_agreement"] >= made["rtn"].manifest["parity"]["continuation_agreement"]
     if stream:
         assert fp32.manifest["streamed"] and made["grid"].manifest["streamed"]
-        memory = export(str(src), tmp_path / "memory", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=False))
+        memory = export(str(src), tmp_path / "memory", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"),
+                                                                     min_top1=0, stream=False))
         ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
         assert ops(tmp_path / "grid") == ops(tmp_path / "memory") and "streamed" not in memory.manifest
         assert np.abs(_logits(tmp_path / "grid") - _logits(tmp_path / "memory")).max() == 0.0
 
 
-def test_without_a_grid_the_default_is_round_to_nearest_exactly(tmp_path):
+def test_without_a_grid_grid_is_round_to_nearest_exactly(tmp_path):
     src = save_tiny("qwen3-gqa", tmp_path / "dense")  # tied embeddings, random (continuous) weights
-    grid_pkg = export(str(src), tmp_path / "grid", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0))
+    grid_pkg = export(str(src), tmp_path / "grid", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
     export(str(src), tmp_path / "rtn", ExportOptions(ratio=0, quant=QuantSpec("int4", method="rtn"), min_top1=0))
     assert grid_pkg.manifest["quantization"]["method"] == "grid"
     ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
@@ -145,3 +147,58 @@ def test_grid_fit_export_streamed_and_in_memory_agree_and_beat_rtn(tmp_path, tie
     ref = _logits(tmp_path / "fp32")
     err = {p: float(((_logits(tmp_path / p) - ref) ** 2).mean()) for p in ("s", "rtn")}
     assert err["s"] < err["rtn"], err
+
+
+def _bits(pkg) -> dict[str, int]:
+    """Each MatMulNBits' bits, by the MatMul it replaced (its name without the _Q4/_Q8/_Q4G suffix)."""
+    nodes = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node
+    return {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in nodes if n.op_type == "MatMulNBits"}
+
+
+def test_auto_keeps_every_grid_and_puts_the_head_and_mlp_outputs_on_no_grid_at_8_bits(tmp_path):
+    src = _snap(save_tiny("llama", tmp_path / "dense"))  # every linear weight on a grid, the untied head included
+    export(str(src), tmp_path / "fp32", ExportOptions(ratio=0, validate=False))
+    on = export(str(src), tmp_path / "on", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0))
+    export(str(src), tmp_path / "grid", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
+    assert on.manifest["quantization"]["method"] == "auto"
+    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
+    assert ops(tmp_path / "on") == ops(tmp_path / "grid")  # on a grid everywhere: auto is grid, all 4-bit
+    assert set(_bits(tmp_path / "on").values()) == {4}
+    # the same model with its head moved off the grid (an 8-bit GGUF table): the head alone goes to 8 bits
+    state = load_file(src / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"] + 1e-3 * torch.randn(state["lm_head.weight"].shape, generator=torch.Generator().manual_seed(0))
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    export(str(src), tmp_path / "fp32b", ExportOptions(ratio=0, validate=False))
+    for stream in (True, False):
+        export(str(src), tmp_path / f"head{stream}", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=stream))
+        eight = [n for n, b in _bits(tmp_path / f"head{stream}").items() if b == 8]
+        assert eight == [n for n in eight if "lm_head" in n] and len(eight) == 1, eight
+    export(str(src), tmp_path / "gridb", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
+    ref = _logits(tmp_path / "fp32b")
+    assert np.abs(_logits(tmp_path / "headTrue") - ref).max() < np.abs(_logits(tmp_path / "gridb") - ref).max()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_auto_on_no_grid_both_paths_agree_and_beat_grid_fit(tmp_path, tied):
+    src = save_tiny("qwen3-gqa" if tied else "llama", tmp_path / "dense")  # random weights: on no grid
+    export(str(src), tmp_path / "fp32", ExportOptions(ratio=0, validate=False))
+    streamed = export(str(src), tmp_path / "s", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=True))
+    export(str(src), tmp_path / "m", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=False))
+    export(str(src), tmp_path / "fit", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid-fit"), min_top1=0))
+    mixed = QuantSpec("int4", method="grid-fit", keep_8bit=("lm_head", "down_proj"))  # what docs/export.md measured
+    export(str(src), tmp_path / "mixed", ExportOptions(ratio=0, quant=mixed, min_top1=0))
+    assert streamed.manifest["streamed"]
+    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
+    assert ops(tmp_path / "s") == ops(tmp_path / "m") == ops(tmp_path / "mixed")
+    assert np.abs(_logits(tmp_path / "s") - _logits(tmp_path / "m")).max() == 0.0
+    assert np.abs(_logits(tmp_path / "s") - _logits(tmp_path / "mixed")).max() == 0.0
+    bits = _bits(tmp_path / "s")
+    eight = {n for n, b in bits.items() if b == 8}
+    assert streamed.manifest["quantization"]["matmuls"] == {"8-bit": len(eight), "4-bit grid": len(bits) - len(eight)}
+    assert eight == {n for n in bits if "down_proj" in n or "lm_head" in n} and len(eight) >= 3, bits
+    four = [n for op, n in ops(tmp_path / "s") if op == "MatMulNBits" and n.rsplit("_Q", 1)[0] not in eight]
+    assert four and all(n.endswith("_Q4G") for n in four), four  # the rest: fitted grids
+    ref = _logits(tmp_path / "fp32")
+    err = {p: float(((_logits(tmp_path / p) - ref) ** 2).mean()) for p in ("s", "fit")}
+    assert err["s"] < err["fit"], err

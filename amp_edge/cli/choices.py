@@ -25,7 +25,7 @@ Optimize = Choice("Optimize", {v: v for v in ("fuse", "none")})
 Attention = Choice("Attention", {v: v for v in ("auto", "gqa", "sdpa")})
 Int8Scheme = Choice("Int8Scheme", {v: v for v in ("weight-only", "dynamic")})
 Embedding = Choice("Embedding", {v: v for v in ("shared", "fp16")})
-QuantMethod = Choice("QuantMethod", {v: v for v in ("rtn", "grid", "grid-fit", "hqq", "k-quant")})
+QuantMethod = Choice("QuantMethod", {v: v for v in ("auto", "rtn", "grid", "grid-fit", "hqq", "k-quant")})
 Provider = Choice("Provider", {v: v for v in ("cpu", "cuda", "openvino", "webgpu", "tensorrt-rtx")})
 
 

@@ -31,7 +31,7 @@ def export_cmd(
     dtype: ExportDtype = typer.Option("fp32", help="Weights of the graph.", rich_help_panel=_QUANT),
     keep_8bit: Optional[str] = typer.Option(None, help="int4 only: MatMuls kept at 8 bits, e.g. down_proj,lm_head.", rich_help_panel=_QUANT),
     block_size: int = typer.Option(32, help="Quantization block size (int4/int8).", rich_help_panel=_QUANT),
-    quant_method: Optional[QuantMethod] = typer.Option(None, help="int4: grid (default: round to nearest, but a weight already on a 4-bit grid, as read from a Q4 GGUF, keeps it exactly; SmolLM2: top-1 0.65 -> 0.85, decode 13% slower) | grid-fit (grid, and weights on no grid, e.g. a recovered model's, get least-squares fitted offsets instead of rtn) | rtn (round to nearest everywhere, the fastest) | hqq (fitted float zero points, 16-24x slower decode on CPU) | k-quant.", rich_help_panel=_QUANT, show_default=False),
+    quant_method: Optional[QuantMethod] = typer.Option(None, help="int4: auto (default: a weight on a 4-bit grid, as read from a Q4 GGUF, keeps it exactly; the LM head and the MLP output projections on no grid take 8 bits, other weights on no grid get fitted offsets; SmolLM2 top-1 on its fp32's continuations: dense 0.97, recovered 30% 0.84) | grid (4 bits everywhere: a weight on a grid keeps it, the others round to nearest; the smallest) | grid-fit (grid with fitted offsets off-grid) | rtn (round to nearest everywhere, the fastest) | hqq (fitted float zero points, 16-24x slower decode on CPU) | k-quant. Sizes and speeds: docs/export.md.", rich_help_panel=_QUANT, show_default=False),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 compute (fast on CPU), 0 = fp32 compute.", rich_help_panel=_QUANT),
     int8_scheme: Int8Scheme = typer.Option("weight-only", help="int8: weight-only (MatMulNBits) | dynamic (MatMulInteger).", rich_help_panel=_QUANT),
     embedding: Embedding = typer.Option("shared", help="Tied embeddings: shared (rows looked up in the LM head's weight, quantized in int4/int8) | fp16 (a separate table).", rich_help_panel=_QUANT),
@@ -87,6 +87,9 @@ def print_export(result) -> None:
     mb = m["onnx_bytes"] / 2**20
     out.print(f"package {result.out}: {m['quantization']['dtype']}, {mb:.1f} MiB graph, "
               f"{m['params']['after']:,} parameters (of {m['params']['before']:,}), {m['export_seconds']:.1f} s")
+    if m["quantization"].get("matmuls"):
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(m["quantization"]["matmuls"].items()))
+        out.print(f"weight MatMuls ({m['quantization'].get('method', m['quantization']['dtype'])}): {kinds}")
     if "skipped" in parity:
         out.print("validation skipped (--no-validate)")
     else:
