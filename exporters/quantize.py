@@ -51,6 +51,11 @@ class QuantSpec:
     method: str = "auto"
     mlp_out: str = "down_proj"  # the MLP's output projection's name (the adapter's mlp_out_name; auto's 8-bit set)
 
+    @property
+    def grid_form(self) -> bool:
+        """Whether int4 weights can take exporters.grid's form: a grid method, block 32, zero points (for the offsets)."""
+        return self.method in GRID_METHODS and self.block_size == 32 and not self.symmetric
+
     def check(self, opset: int) -> None:
         if self.dtype not in DTYPES:
             raise InvalidOptionError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -129,10 +134,10 @@ def _weight_only(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> onnx.Mo
         graph = _nbits(graph, spec, 8, exclude=[])
         return _embeddings(graph, spec, tied)
     kept = select(matmul_names(graph), spec.keep_8bit) if spec.keep_8bit else []
-    if spec.method in GRID_METHODS and not spec.symmetric and spec.block_size == 32:  # a grid's offsets need zero points
-        shared_head = ({head_name(graph)} if tied and spec.embedding == "shared" else set()) - {None}
-        block_sums, off_grid = _grid(graph, spec, set(kept) | shared_head)
-        kept += sorted(eight_bit_auto(spec, off_grid, shared_head) - set(kept))
+    if spec.grid_form:
+        head = shared_head(graph, spec, tied)
+        block_sums, off_grid = _grid(graph, spec, set(kept) | head)
+        kept += sorted(eight_bit_auto(spec, off_grid, head) - set(kept))
         graph = _nbits(graph, spec, 4, exclude=kept + sorted(block_sums))
     else:
         graph = _nbits(graph, spec, 4, exclude=kept)
@@ -162,6 +167,12 @@ def weight_kinds(graph: onnx.ModelProto) -> dict[str, int]:
 def head_name(graph: onnx.ModelProto) -> str | None:
     """The LM head's MatMul (the node making "logits")."""
     return next((n.name for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+
+
+def shared_head(graph: onnx.ModelProto, spec: QuantSpec, tied: bool) -> set[str]:
+    """The LM head's MatMul where the embedding table is read from it (tied, --embedding shared): it never takes the
+    grid form (the shared table is read as the head's K = hidden rows)."""
+    return ({head_name(graph)} if tied and spec.embedding == "shared" else set()) - {None}
 
 
 def auto_candidates(graph: onnx.ModelProto, spec: QuantSpec) -> set[str]:

@@ -26,7 +26,7 @@ from exporters import deferred
 from exporters.attention import gqa_attention, gqa_layers
 from exporters.graph import GraphSpec, _bind_weights, fuse, rotary_as_matmul, trim_rotary_caches, working_dir
 from exporters.quantize import (FITTED_METHODS, GRID_METHODS, QUANTIZED, QuantSpec, auto_candidates, eight_bit_auto,
-                                float_pass, head_name, matmul_names, select, share_tied_embedding)
+                                float_pass, matmul_names, select, share_tied_embedding, shared_head)
 from exporters.validate import (GREEDY_STEPS, Parity, ShapeResult, _judge, pad, pad_token, prompts, sliding_window,
                                validation_options)
 from exporters.wrapper import DecoderStep, example_inputs, kv_layout
@@ -143,8 +143,8 @@ def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.
         deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
     else:
         sums = set()
-        if spec.method in GRID_METHODS and spec.block_size == 32 and not spec.symmetric:  # as quantize._weight_only
-            head = ({head_name(graph)} if tied and spec.embedding == "shared" else set()) - {None}
+        if spec.grid_form:  # as quantize._weight_only
+            head = shared_head(graph, spec, tied)
             sums, off_grid = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head,
                                                    fitted=spec.method in FITTED_METHODS,
                                                    candidates=auto_candidates(graph, spec) - kept - head)

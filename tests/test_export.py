@@ -17,7 +17,7 @@ from amp_edge.pruning.pipeline import PruneOptions, prune
 from exporters import MANIFEST, ExportOptions, QuantSpec, export
 from amp_edge_runtime.decoder import OnnxDecoder
 from tests.conftest import SMALL_CALIB
-from tests.tiny import FAMILIES, save_tiny
+from tests.tiny import FAMILIES, matmul_bits, save_tiny
 
 PROMPT = [[5, 9, 33, 70, 12, 44]]
 EOS = 2  # the tiny configs' eos_token_id
@@ -69,11 +69,6 @@ def test_dense_export_with_ratio_zero_and_prune_in_one_command(tmp_path):
     assert b.manifest["pruned"] and b.manifest["params"]["after"] < 0.75 * b.manifest["params"]["before"]
 
 
-def _matmul_bits(path: Path) -> dict[str, int]:
-    g = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
-
-
 # Measured on tiny_model("llama") seed 0 (random weights: far more fragile than a trained model's), with the serving
 # session's prepacked MatMulNBits (accuracy level 4: int8 activations): top-1 agreement fp16 0.988, int8 0.885, int4
 # 0.386; max |Δlogits| 0.048, 0.647, 4.76 (without prepacking, weights dequantized to fp32: int8 0.928 / 0.33, int4
@@ -91,14 +86,17 @@ def test_quantized_exports_report_parity(tmp_path, dtype):
     assert parity["dtype"] == dtype and parity["ok"] and parity["bound"]["min_top1_agreement"] == min_top1
     assert min_top1 <= parity["top1_agreement"] <= 1 and 0 < parity["max_abs_diff"] <= max_diff
     assert q.manifest["onnx_bytes"] < fp32.manifest["onnx_bytes"]
-    bits = _matmul_bits(tmp_path / dtype)
+    bits = matmul_bits(tmp_path / dtype)
     if dtype == "fp16":
         assert not bits
     else:
         assert any("lm_head" in n for n in bits)  # the output head is quantized too
         # int4's default (auto) on weights on no grid: the head and the MLP outputs at 8 bits, the rest at 4
-        wide = {n for n in bits if "lm_head" in n or "down_proj" in n} if dtype == "int4" else set(bits)
-        assert {bits[n] for n in wide} == {8} and {b for n, b in bits.items() if n not in wide} <= {4}
+        wide = {n for n in bits if "lm_head" in n or "down_proj" in n}
+        if dtype == "int8":
+            assert set(bits.values()) == {8}
+        else:
+            assert {bits[n] for n in wide} == {8} and {b for n, b in bits.items() if n not in wide} == {4}
 
 
 def test_keep_8bit_and_bound_failure(tmp_path):
@@ -106,7 +104,7 @@ def test_keep_8bit_and_bound_failure(tmp_path):
     mixed = export(str(dense), tmp_path / "mixed", ExportOptions(ratio=0, quant=QuantSpec("int4", method="rtn", keep_8bit=("down_proj",)),
                                                                  min_top1=0.42))  # measured 0.470 (all-int4: 0.398)
     assert mixed.manifest["parity"]["top1_agreement"] >= 0.42
-    bits = _matmul_bits(tmp_path / "mixed")
+    bits = matmul_bits(tmp_path / "mixed")
     assert {b for n, b in bits.items() if "down_proj" in n} == {8}
     assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
     with pytest.raises(ExportValidationError) as e:  # every shape's failure is listed, nothing is written

@@ -20,7 +20,7 @@ from exporters import ExportOptions, GraphSpec, QuantSpec, export
 from exporters.attention import ineligible
 from amp_edge_runtime.decoder import OnnxDecoder
 from tests.conftest import SMALL_CALIB
-from tests.tiny import save_tiny, staggered_plan, tiny_model
+from tests.tiny import matmul_bits, save_tiny, staggered_plan, tiny_model
 
 
 def _pruned(tmp_path: Path, family: str, allocation: str = "global") -> Path:
@@ -180,7 +180,7 @@ def test_int4_gqa_graph_validates_and_keeps_8bit_by_packed_name(tmp_path):
     assert q.manifest["parity"]["ok"] and q.manifest["graph"]["gqa_layers"] == [0, 1, 2]
     g = _graph(tmp_path / "int4")
     assert Counter(n.op_type for n in g.graph.node)["GroupQueryAttention"] == 3
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
+    bits = matmul_bits(tmp_path / "int4")
     assert {b for n, b in bits.items() if "qkv_proj" in n or "lm_head" in n} == {8}
     assert {b for n, b in bits.items() if "qkv_proj" not in n and "lm_head" not in n} == {4}
     assert sum("gate_up_proj" in n.split("/") for n in bits) == 3 and q.manifest["graph"]["pack_mlp"] is True

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from amp_edge_runtime.decoder import OnnxDecoder
 from exporters import ExportOptions, QuantSpec, export
 from exporters import grid
-from tests.tiny import save_tiny
+from tests.tiny import matmul_bits, save_tiny
 
 IDS = np.array([[5, 9, 33, 70, 12, 44, 7, 81, 3, 17, 60, 2]])
 
@@ -73,6 +73,10 @@ def _snap(folder):
     return folder
 
 
+def _ops(pkg) -> list[tuple[str, str]]:
+    return [(n.op_type, n.name) for n in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node]
+
+
 def _logits(pkg) -> np.ndarray:
     d = OnnxDecoder(pkg)
     return d.step(IDS, np.ones_like(IDS), np.arange(IDS.shape[1])[None], d.empty_cache(1))[0]
@@ -98,8 +102,7 @@ def test_grid_export_is_closer_to_fp32_than_rtn_and_both_paths_agree(tmp_path, s
         assert fp32.manifest["streamed"] and made["grid"].manifest["streamed"]
         memory = export(str(src), tmp_path / "memory", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"),
                                                                      min_top1=0, stream=False))
-        ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
-        assert ops(tmp_path / "grid") == ops(tmp_path / "memory") and "streamed" not in memory.manifest
+        assert _ops(tmp_path / "grid") == _ops(tmp_path / "memory") and "streamed" not in memory.manifest
         assert np.abs(_logits(tmp_path / "grid") - _logits(tmp_path / "memory")).max() == 0.0
 
 
@@ -108,8 +111,7 @@ def test_without_a_grid_grid_is_round_to_nearest_exactly(tmp_path):
     grid_pkg = export(str(src), tmp_path / "grid", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
     export(str(src), tmp_path / "rtn", ExportOptions(ratio=0, quant=QuantSpec("int4", method="rtn"), min_top1=0))
     assert grid_pkg.manifest["quantization"]["method"] == "grid"
-    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
-    assert ops(tmp_path / "grid") == ops(tmp_path / "rtn")
+    assert _ops(tmp_path / "grid") == _ops(tmp_path / "rtn")
     assert np.abs(_logits(tmp_path / "grid") - _logits(tmp_path / "rtn")).max() == 0.0
 
 
@@ -141,19 +143,11 @@ def test_grid_fit_export_streamed_and_in_memory_agree_and_beat_rtn(tmp_path, tie
     export(str(src), tmp_path / "m", ExportOptions(ratio=0, quant=spec, min_top1=0, stream=False))
     export(str(src), tmp_path / "rtn", ExportOptions(ratio=0, quant=QuantSpec("int4", method="rtn"), min_top1=0))
     assert streamed.manifest["streamed"] and streamed.manifest["quantization"]["method"] == "grid-fit"
-    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
-    assert ops(tmp_path / "s") == ops(tmp_path / "m") and any(n.endswith("_Q4G") for _, n in ops(tmp_path / "s"))
+    assert _ops(tmp_path / "s") == _ops(tmp_path / "m") and any(n.endswith("_Q4G") for _, n in _ops(tmp_path / "s"))
     assert np.abs(_logits(tmp_path / "s") - _logits(tmp_path / "m")).max() == 0.0
     ref = _logits(tmp_path / "fp32")
     err = {p: float(((_logits(tmp_path / p) - ref) ** 2).mean()) for p in ("s", "rtn")}
     assert err["s"] < err["rtn"], err
-
-
-def _bits(pkg) -> dict[str, int]:
-    """Each MatMulNBits' bits, by the MatMul it replaced (its name without the _Q4/_Q8/_Q4G suffix)."""
-    nodes = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node
-    return {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
-            for n in nodes if n.op_type == "MatMulNBits"}
 
 
 def test_auto_keeps_every_grid_and_puts_the_head_and_mlp_outputs_on_no_grid_at_8_bits(tmp_path):
@@ -162,9 +156,8 @@ def test_auto_keeps_every_grid_and_puts_the_head_and_mlp_outputs_on_no_grid_at_8
     on = export(str(src), tmp_path / "on", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0))
     export(str(src), tmp_path / "grid", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
     assert on.manifest["quantization"]["method"] == "auto"
-    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
-    assert ops(tmp_path / "on") == ops(tmp_path / "grid")  # on a grid everywhere: auto is grid, all 4-bit
-    assert set(_bits(tmp_path / "on").values()) == {4}
+    assert _ops(tmp_path / "on") == _ops(tmp_path / "grid")  # on a grid everywhere: auto is grid, all 4-bit
+    assert set(matmul_bits(tmp_path / "on").values()) == {4}
     # the same model with its head moved off the grid (an 8-bit GGUF table): the head alone goes to 8 bits
     state = load_file(src / "model.safetensors")
     state["lm_head.weight"] = state["lm_head.weight"] + 1e-3 * torch.randn(state["lm_head.weight"].shape, generator=torch.Generator().manual_seed(0))
@@ -172,7 +165,7 @@ def test_auto_keeps_every_grid_and_puts_the_head_and_mlp_outputs_on_no_grid_at_8
     export(str(src), tmp_path / "fp32b", ExportOptions(ratio=0, validate=False))
     for stream in (True, False):
         export(str(src), tmp_path / f"head{stream}", ExportOptions(ratio=0, quant=QuantSpec("int4"), min_top1=0, stream=stream))
-        eight = [n for n, b in _bits(tmp_path / f"head{stream}").items() if b == 8]
+        eight = [n for n, b in matmul_bits(tmp_path / f"head{stream}").items() if b == 8]
         assert eight == [n for n in eight if "lm_head" in n] and len(eight) == 1, eight
     export(str(src), tmp_path / "gridb", ExportOptions(ratio=0, quant=QuantSpec("int4", method="grid"), min_top1=0))
     ref = _logits(tmp_path / "fp32b")
@@ -189,15 +182,14 @@ def test_auto_on_no_grid_both_paths_agree_and_beat_grid_fit(tmp_path, tied):
     mixed = QuantSpec("int4", method="grid-fit", keep_8bit=("lm_head", "down_proj"))  # what docs/export.md measured
     export(str(src), tmp_path / "mixed", ExportOptions(ratio=0, quant=mixed, min_top1=0))
     assert streamed.manifest["streamed"]
-    ops = lambda p: [(n.op_type, n.name) for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
-    assert ops(tmp_path / "s") == ops(tmp_path / "m") == ops(tmp_path / "mixed")
+    assert _ops(tmp_path / "s") == _ops(tmp_path / "m") == _ops(tmp_path / "mixed")
     assert np.abs(_logits(tmp_path / "s") - _logits(tmp_path / "m")).max() == 0.0
     assert np.abs(_logits(tmp_path / "s") - _logits(tmp_path / "mixed")).max() == 0.0
-    bits = _bits(tmp_path / "s")
+    bits = matmul_bits(tmp_path / "s")
     eight = {n for n, b in bits.items() if b == 8}
     assert streamed.manifest["quantization"]["matmuls"] == {"8-bit": len(eight), "4-bit grid": len(bits) - len(eight)}
     assert eight == {n for n in bits if "down_proj" in n or "lm_head" in n} and len(eight) >= 3, bits
-    four = [n for op, n in ops(tmp_path / "s") if op == "MatMulNBits" and n.rsplit("_Q", 1)[0] not in eight]
+    four = [n for n, b in bits.items() if b == 4]
     assert four and all(n.endswith("_Q4G") for n in four), four  # the rest: fitted grids
     ref = _logits(tmp_path / "fp32")
     err = {p: float(((_logits(tmp_path / p) - ref) ** 2).mean()) for p in ("s", "fit")}

@@ -117,3 +117,11 @@ def staggered_plan(model):
             layer.q_heads = [h for h in layer.q_heads if h // shape.group_size != drop]
             layer.neurons = layer.neurons[: shape.intermediate_size - 8 * i]
     return plan
+
+
+def matmul_bits(package: Path) -> dict[str, int]:
+    """Each MatMulNBits of an exported package and its bits, by node name."""
+    import onnx
+
+    g = onnx.load(str(package / "model.onnx"), load_external_data=False)
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.graph.node if n.op_type == "MatMulNBits"}
