@@ -143,7 +143,7 @@ def convert(graph: onnx.ModelProto, store, spec: QuantSpec, tied: bool) -> onnx.
         deferred.quantize_matmuls(graph, store, 8, spec.block_size, spec.symmetric, spec.accuracy_level, set())
     else:
         sums = set()
-        if spec.grid_form:  # as quantize._weight_only
+        if spec.grid_form:
             head = shared_head(graph, spec, tied)
             sums, off_grid = deferred.grid_matmuls(graph, store, spec.accuracy_level, kept | head,
                                                    fitted=spec.method in FITTED_METHODS,

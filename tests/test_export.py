@@ -92,10 +92,10 @@ def test_quantized_exports_report_parity(tmp_path, dtype):
     else:
         assert any("lm_head" in n for n in bits)  # the output head is quantized too
         # int4's default (auto) on weights on no grid: the head and the MLP outputs at 8 bits, the rest at 4
-        wide = {n for n in bits if "lm_head" in n or "down_proj" in n}
         if dtype == "int8":
             assert set(bits.values()) == {8}
         else:
+            wide = {n for n in bits if "lm_head" in n or "down_proj" in n}
             assert {bits[n] for n in wide} == {8} and {b for n, b in bits.items() if n not in wide} == {4}
 
 
