@@ -8,7 +8,17 @@ import os
 import sys
 from contextlib import contextmanager
 
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536  # glibc's defaults, restored after heap_for_training_loop
+_DEFAULT_TRIM_THRESHOLD = 128 << 10
+_DEFAULT_TOP_PAD = 128 << 10
+# Slack added to each heap extension while training: without it, a freed buffer is a few bytes short of the next
+# aligned request of the same size (posix_memalign asks for more) and the heap grows, with fresh pages, every step
+_TRAINING_TOP_PAD = 256 << 20
+_TRIM_NEVER = -1  # mallopt(3): disables trimming
 _MMAP_THRESHOLD_BYTES = 4 << 20
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit
 # The mmap threshold is process-wide glibc state; the environment records it, so it is visible (and inherited by
@@ -43,6 +53,31 @@ def heap_for_growing_cache():
     finally:
         if lifted:
             _set_mmap_threshold(_MMAP_THRESHOLD_BYTES)
+            trim_heap()
+
+
+@contextmanager
+def heap_for_training_loop():
+    """Keep freed buffers on the heap while a training loop runs, and hand them back after.
+
+    Each step allocates and frees the same large tensors (logits, gradients of the vocabulary-wide weights); served by
+    mmap, every one costs fresh pages the kernel zero-fills on first touch. Gemma-3-270M distillation, 4 x 256 tokens a
+    step, bf16, 2 cores: 13.0 s a step with 1.4M page faults, 7.9 s with none from the third step on, for 1.0 GB
+    more peak RSS (8.7 GB). A no-op off glibc, and where ``AMP_EDGE_HEAP_CAP=off`` (malloc left as glibc sets it).
+    """
+    libc = libc_handle()
+    held = (os.environ.get(HEAP_CAP_ENV) != "off" and libc is not None and hasattr(libc, "mallopt")
+            and bool(libc.mallopt(_M_MMAP_MAX, 0)))
+    if held:
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER)
+        libc.mallopt(_M_TOP_PAD, _TRAINING_TOP_PAD)
+    try:
+        yield held
+    finally:
+        if held:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.mallopt(_M_TOP_PAD, _DEFAULT_TOP_PAD)
             trim_heap()
 
 

@@ -98,7 +98,7 @@ def test_hidden_state_matching_is_zero_on_the_teacher_and_brings_layers_closer(r
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_distillation_loss_equals_autograd_kl(temperature):
-    from amp_edge.recovery.train import _KLToTeacher
+    from amp_edge.recovery.train import KLWorkspace, _KLToTeacher
 
     gen = torch.Generator().manual_seed(0)
     s = (torch.randn(300, 50, generator=gen) * 3).requires_grad_(True)  # 300 rows: more than one block of 128
@@ -107,7 +107,9 @@ def test_fused_distillation_loss_equals_autograd_kl(temperature):
     ref = torch.nn.functional.kl_div((ref_s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
                                      log_target=True, reduction="sum")
     ref.backward()
-    got = _KLToTeacher.apply(s, t, temperature)
+    workspace = KLWorkspace()
+    _KLToTeacher.apply(s[:200].detach(), t[:200], temperature, workspace)  # blocks reused by the next call
+    got = _KLToTeacher.apply(s, t, temperature, workspace)
     got.backward()
     assert abs(got.item() - ref.item()) < 1e-4 * ref.item()
     assert torch.allclose(s.grad, ref_s.grad, atol=1e-6)
@@ -364,6 +366,7 @@ def test_cli_distill_per_layer_with_default_data(tiny_dir, data_file, tmp_path):
     res = run("prune", tiny_dir, "--allocation", "global", "--calib", data_file, *SMALL, "--recover", "distill",
               "--recover-resume-dir", tmp_path / "state", "--recover-save-every", 2, "--out", out, "--overwrite")
     assert res.exit_code == 0 and "steps on " in res.output and "(resumed from step 4)" in res.output, res.output
+    assert f"recovery data: {data_file}, the calibration source" in res.output  # said before training, not after
     again = load_pruned(out).state_dict()
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
 

@@ -221,6 +221,8 @@ def prune_in_memory(source: str, opts: PruneOptions, plan_path: str | Path | Non
     texts = _check_recovery(recovery, dtype)  # bad recovery options and data fail before any loading
     if recipe_data and recipe_data != opts.calibration.source:
         notice(f"recovery data: {recipe_data} (the recipe's C4 + Alpaca; --recover-data chooses)")
+    elif recipe_data:  # said before the long step: a calibration file alone is not the recipe's data
+        notice(f"recovery data: {recipe_data}, the calibration source (--recover-data chooses, e.g. the recipe's C4 + Alpaca)")
     _precheck_architecture(source)
     if recovery is not None:  # full fp32 training where it fits, else LoRA on bf16 weights; refused before loading
         params = source_params(source)  # a safetensors folder: it can also serve as a layer-by-layer teacher

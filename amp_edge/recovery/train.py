@@ -24,6 +24,7 @@ from amp_edge.models.adapters import get_adapter
 from amp_edge.data.calibration import SELF
 from amp_edge.errors import InvalidOptionError
 from amp_edge.hardware import half_is_fast
+from amp_edge.memory import heap_for_training_loop
 from amp_edge.data.recovery_data import recovery_rows, recovery_texts
 from amp_edge.recovery.state import ResumeState, fingerprint, load_state, save_state
 
@@ -200,7 +201,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, tokenizer
             optimizer.load_state_dict(state.optimizer)
             torch.set_rng_state(state.rng)
         resumed_from = state.step
-        _train(model, teacher, params, optimizer, data, spec, state, progress)
+        with heap_for_training_loop():
+            _train(model, teacher, params, optimizer, data, spec, state, progress)
     except BaseException:
         if spec.trains_adapters:
             model.unload()  # the student gets its plain Linears back, untrained
@@ -272,11 +274,13 @@ def _train(model, teacher, params, optimizer, data, spec, state: ResumeState, pr
     bar = tqdm(total=spec.steps, initial=state.step, desc=f"recovery ({spec.method})", unit="step", leave=False,
                disable=progress is not True)
     saved = state.step
+    workspace = KLWorkspace()
     try:
         while state.step < spec.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, spec)
-            loss = _step(model, teacher, params, optimizer, data[batch_rows(state.step, data.shape[0], spec)], spec)
+            loss = _step(model, teacher, params, optimizer, data[batch_rows(state.step, data.shape[0], spec)], spec,
+                         workspace)
             state.step += 1
             state.losses.append(loss)
             if spec.resume_dir and (state.step % spec.save_every == 0 or state.step == spec.steps):
@@ -296,12 +300,13 @@ def _train(model, teacher, params, optimizer, data, spec, state: ResumeState, pr
         bar.close()
 
 
-def _step(model, teacher, params, optimizer, batch: torch.Tensor, spec: RecoverySpec) -> float:
+def _step(model, teacher, params, optimizer, batch: torch.Tensor, spec: RecoverySpec,
+          workspace: KLWorkspace | None = None) -> float:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for ids in batch.split(spec.micro):
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
-            loss = _distill_loss(model, teacher, ids, spec) if spec.method == "distill" else model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = _distill_loss(model, teacher, ids, spec, workspace) if spec.method == "distill" else model(input_ids=ids, labels=ids, use_cache=False).loss
         (loss * ids.shape[0] / batch.shape[0]).backward()
         total += loss.item() * ids.shape[0] / batch.shape[0]
     if spec.max_grad_norm > 0:
@@ -310,7 +315,7 @@ def _step(model, teacher, params, optimizer, batch: torch.Tensor, spec: Recovery
     return total
 
 
-def _distill_loss(student, teacher, ids: torch.Tensor, spec: RecoverySpec) -> torch.Tensor:
+def _distill_loss(student, teacher, ids: torch.Tensor, spec: RecoverySpec, workspace: KLWorkspace | None = None) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions at every position (× T², as Hinton et al.)."""
     teacher.eval()
     hidden = spec.hidden_weight > 0
@@ -318,7 +323,7 @@ def _distill_loss(student, teacher, ids: torch.Tensor, spec: RecoverySpec) -> to
         t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     s_logits, t_logits = out.logits.flatten(0, 1), t_out.logits.flatten(0, 1)
-    loss = _KLToTeacher.apply(s_logits, t_logits, spec.temperature) / s_logits.shape[0] * spec.temperature ** 2
+    loss = _KLToTeacher.apply(s_logits, t_logits, spec.temperature, workspace) / s_logits.shape[0] * spec.temperature ** 2
     if spec.ce_weight:
         ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss = loss + spec.ce_weight * ce
@@ -337,30 +342,58 @@ def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+class KLWorkspace:
+    """Four reusable (rows x vocab) fp32 blocks for _KLToTeacher. Fresh blocks every call cost more than the
+    arithmetic: glibc maps allocations this large anew each time and the kernel zero-fills every page on first touch
+    (Gemma's 262k vocabulary: ~16 GB of new pages and a third of the step in the kernel when each block was new)."""
+
+    def __init__(self):
+        self._blocks: torch.Tensor | None = None
+
+    def blocks(self, rows: int, vocab: int, device) -> torch.Tensor:
+        b = self._blocks
+        if b is None or b.shape[1] < rows or b.shape[2] != vocab or b.device != device:
+            self._blocks = b = torch.empty(4, rows, vocab, device=device)
+        return b[:, :rows]
+
+
+def _log_softmax_(x: torch.Tensor, probs: torch.Tensor) -> None:
+    """In place: ``x`` becomes log_softmax(x) and ``probs`` softmax(x), with no other row-wide temporary."""
+    x.sub_(x.amax(-1, keepdim=True))
+    torch.exp(x, out=probs)
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    x.sub_(total.log_())
+
+
 class _KLToTeacher(torch.autograd.Function):
     """sum over rows of KL(softmax(t / T) || softmax(s / T)), with its gradient computed in the same pass.
 
-    Row blocks in fp32 keep the vocabulary-wide temporaries small; autograd's log_softmax + kl_div kept several
-    full (tokens x vocab) tensors and took a third of a distillation step on a 49k vocabulary.
+    Row blocks in fp32, worked on in place in a reused workspace: autograd's log_softmax + kl_div kept several full
+    (tokens x vocab) tensors and took a third of a distillation step on a 49k vocabulary.
     """
 
     @staticmethod
-    def forward(ctx, s_logits, t_logits, temperature: float):
+    def forward(ctx, s_logits, t_logits, temperature: float, workspace: KLWorkspace | None = None):
         grad = torch.empty_like(s_logits)
         total = torch.zeros((), dtype=torch.float64, device=s_logits.device)
+        blocks = (workspace or KLWorkspace()).blocks(min(_KL_ROWS, s_logits.shape[0]), s_logits.shape[1], s_logits.device)
         for a in range(0, s_logits.shape[0], _KL_ROWS):
-            s_lp = (s_logits[a:a + _KL_ROWS].float() / temperature).log_softmax(-1)
-            t_lp = (t_logits[a:a + _KL_ROWS].float() / temperature).log_softmax(-1)
-            p_t = t_lp.exp()
-            total += (p_t * (t_lp - s_lp)).sum(dtype=torch.float64)
-            grad[a:a + _KL_ROWS] = s_lp.exp_().sub_(p_t).div_(temperature)  # d KL / d s_logits
+            n = min(_KL_ROWS, s_logits.shape[0] - a)
+            s_lp, p_s, t_lp, p_t = (b[:n] for b in blocks)
+            s_lp.copy_(s_logits[a:a + n]).div_(temperature)
+            t_lp.copy_(t_logits[a:a + n]).div_(temperature)
+            _log_softmax_(s_lp, p_s)
+            _log_softmax_(t_lp, p_t)
+            total += t_lp.sub_(s_lp).mul_(p_t).sum(dtype=torch.float64)
+            grad[a:a + n] = p_s.sub_(p_t).div_(temperature)  # d KL / d s_logits
         ctx.save_for_backward(grad)
         return total.float()
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None  # in place: the saved gradient is used once
 
 
 def kl_to_teacher(student, teacher, rows: torch.Tensor, batch_size: int = 8) -> float:
