@@ -4,6 +4,7 @@ glibc's heap is process-wide state that earlier tests leave behind (free chunks 
 below), so the measurement runs in a fresh interpreter."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ print(json.dumps({"capped": capped, "held": held, "inside": inside, "after": rou
 
 @pytest.mark.skipif(libc_handle() is None or not hasattr(libc_handle(), "mallopt"), reason="glibc's mallopt only")
 def test_training_loop_reuses_freed_buffers_and_restores_the_cap():
-    env = {k: v for k, v in __import__("os").environ.items() if k != "AMP_EDGE_HEAP_CAP"}
+    env = {k: v for k, v in os.environ.items() if k != "AMP_EDGE_HEAP_CAP"}
     run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])

@@ -345,7 +345,7 @@ def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
 class KLWorkspace:
     """Four reusable (rows x vocab) fp32 blocks for _KLToTeacher. Fresh blocks every call cost more than the
     arithmetic: glibc maps allocations this large anew each time and the kernel zero-fills every page on first touch
-    (Gemma's 262k vocabulary: ~16 GB of new pages and a third of the step in the kernel when each block was new)."""
+    (Gemma's 262k vocabulary, a step of 4 x 256 tokens: 4.0M page faults with fresh blocks, 1.4M with these)."""
 
     def __init__(self):
         self._blocks: torch.Tensor | None = None
