@@ -1,7 +1,9 @@
 """Seconds, page faults and peak RSS of distillation steps, with glibc's heap as the CLI leaves it (large buffers
 mmapped, so every step's logits and gradients are fresh pages) and as recovery holds it (amp_edge.memory.
 heap_for_training_loop: freed buffers kept for the next step). Both phases in one process, one after the other,
-on the same batch, so the ratio is what to read on a shared box.
+on the same batch, so the ratio is what to read on a shared box. Then the seconds one save of the resumable training
+state takes (weights + AdamW moments, written beside the student as `prune` does), and what share of the training
+time it costs saved every 10 steps (the old default) or every 5 minutes (today's).
 
     python benchmarks/recovery_step.py out/g30-r0 gemma3-270m --steps 4
     python benchmarks/recovery_step.py PRUNED_FOLDER DENSE_SOURCE [--steps N] [--batch 4] [--seq-len 256] [--json]
@@ -16,8 +18,10 @@ import argparse
 import json
 import resource
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -69,6 +73,7 @@ def main() -> None:
                                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     capped, held = report["phases"].values()
     report["speedup"] = capped["seconds_per_step"] / held["seconds_per_step"]
+    report["state_save"] = _time_saves(Path(args.student).resolve().parent, params, optimizer, held["seconds_per_step"])
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -76,6 +81,25 @@ def main() -> None:
         print(f"{phase:30s} median {r['seconds_per_step']:.2f} s/step, {r['page_faults_per_step']:,.0f} faults, "
               f"{r['kernel_seconds_per_step']:.1f} s kernel, peak RSS so far {r['peak_rss_gb']:.2f} GB")
     print(f"held / capped: {report['speedup']:.2f}x faster per step ({spec.precision}, {report['tokens_per_step']} tokens)")
+    save = report["state_save"]
+    print(f"state save: {save['seconds']:.1f} s for {save['gb']:.2f} GB; share of training time saved every 10 steps "
+          f"{save['share_every_10_steps']:.1%}, every 5 minutes {save['share_every_5_minutes']:.1%}")
+
+
+def _time_saves(where: Path, params, optimizer, step_seconds: float, repeats: int = 2) -> dict:
+    """Median seconds of ``save_state`` (atomic safetensors + fsync) into a scratch folder beside the student."""
+    from amp_edge.recovery.state import STATE_FILE, ResumeState, save_state
+
+    seconds = []
+    with tempfile.TemporaryDirectory(dir=where, prefix=".save-bench-") as folder:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            save_state(folder, params, optimizer, ResumeState(step=1, losses=[0.0], meta={}))
+            seconds.append(time.perf_counter() - start)
+        size = (Path(folder) / STATE_FILE).stat().st_size
+    s = statistics.median(seconds)
+    return {"seconds": s, "gb": size / 1e9, "share_every_10_steps": s / (10 * step_seconds + s),
+            "share_every_5_minutes": s / (300 + s)}
 
 
 if __name__ == "__main__":

@@ -204,6 +204,17 @@ def test_interrupted_run_resumes_to_the_same_weights(rows, tmp_path, method, sto
     assert result.losses == whole.losses
 
 
+@pytest.mark.parametrize("minutes,every,saved_at", [(60.0, None, [6]), (60.0, 4, [4, 6]), (1e-9, None, [1, 2, 3, 4, 5, 6])])
+def test_state_is_saved_by_time_or_steps_whichever_comes_first(rows, tmp_path, monkeypatch, minutes, every, saved_at):
+    import amp_edge.recovery.train as train
+    saves = []
+    monkeypatch.setattr(train, "save_state", lambda folder, params, optimizer, state: saves.append(state.step))
+    spec = _spec("distill", steps=6, resume_dir=str(tmp_path / "state"), save_minutes=minutes, save_every=every)
+    dense, student = _pruned("llama")
+    recover(student, dense, char_tokenizer(), spec, data=rows, progress=False)
+    assert saves == saved_at
+
+
 def test_resume_folder_of_another_run_is_refused_or_restarted(rows, tmp_path):
     spec = _spec("lora", steps=4, resume_dir=str(tmp_path / "state"), save_every=2)
     _, student = _pruned("llama")
@@ -267,7 +278,8 @@ def test_spec_check_names_the_bad_value():
     for kw, match in [({"method": "prune"}, "'prune'; choose from distill, lora"), ({"steps": 0}, "steps must be >= 1, got 0"),
                       ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"lora_dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
                       ({"warmup_steps": 12}, "warmup steps must be in"), ({"schedule": "step"}, "'step'; choose from cosine, linear"),
-                      ({"precision": "fp8"}, "'fp8'; choose from auto, fp32, bf16")]:
+                      ({"precision": "fp8"}, "'fp8'; choose from auto, fp32, bf16"),
+                      ({"save_minutes": 0.0}, "save_minutes must be > 0, got 0.0"), ({"save_every": 0}, "save_every must be >= 1, got 0")]:
         with pytest.raises(InvalidOptionError, match=match):
             RecoverySpec(**{"method": "lora", "steps": 10, **kw}).check()
 
@@ -469,11 +481,12 @@ def _bad_cases(tiny_dir, tmp_path):
         "half precision": (["--recover", "lora", "--dtype", "float16"], "recovery trains in float32; got --dtype float16"),
         "no self samples": (["--recover", "distill", "--recover-data", "self", "--recover-self-samples", 0],
                             "self_samples must be >= 1, got 0"),
+        "save minutes zero": (["--recover", "distill", "--recover-save-minutes", 0], "save_minutes must be > 0, got 0.0"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown method", "steps zero", "lr zero", "lr negative", "missing data", "empty data",
-                                  "blank text", "half precision", "no self samples"])
+                                  "blank text", "half precision", "no self samples", "save minutes zero"])
 def test_cli_bad_recovery_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, case):
     args, match = _bad_cases(tiny_dir, tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())

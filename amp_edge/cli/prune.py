@@ -74,7 +74,8 @@ def prune(
     lora_alpha: float = typer.Option(16.0, help="lora: scale numerator (scale = alpha / r).", rich_help_panel=_REC),
     lora_dropout: float = typer.Option(0.05, help="lora: dropout on the adapter input.", rich_help_panel=_REC),
     recover_resume_dir: Optional[Path] = typer.Option(None, help="Keep resumable training state here (default: beside --out, removed after saving).", rich_help_panel=_REC),
-    recover_save_every: int = typer.Option(10, help="Save the training state every N steps.", rich_help_panel=_REC),
+    recover_save_minutes: float = typer.Option(5.0, help="Save the training state every M minutes (and on Ctrl-C).", rich_help_panel=_REC),
+    recover_save_every: Optional[int] = typer.Option(None, help="Also save it every N steps.", rich_help_panel=_REC),
 ):
     """Score heads and neurons, remove the least important, save a compact checkpoint.
 
@@ -101,6 +102,7 @@ def prune(
         temperature=recover_temperature, ce_weight=recover_ce_weight, hidden_weight=recover_hidden_weight, freeze_embeddings=recover_freeze_embeddings,
         precision=recipe["precision"] if recover_precision is None else value(recover_precision), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         resume_dir=str(recover_resume_dir) if recover_resume_dir else None, save_every=recover_save_every,
+        save_minutes=recover_save_minutes,
         self_samples=recover_self_samples, adapter=value(recover_adapter))
     world = distributed.init()
     if not world.main:  # one console: rank 0 shows the progress, the notices and the result
