@@ -72,8 +72,9 @@ class RecoverySpec:
     # steps on a CPU with AMX/AVX512-BF16 (SmolLM2-135M at 30%, 4 x 256 tokens: 7.3 -> 2.7 s with the fused loss)
     precision: str = "fp32"
     resume_dir: str | None = None  # None: no checkpoints, an interrupted run starts over
-    # Saved by time, not steps: a save costs the same whatever the step rate (Gemma-3-270M: a 2.86 GB file, ~7 s), and
-    # every 10 steps was ~8% of its training; a kill loses at most this much, Ctrl-C nothing (it saves on the way out).
+    # Saved by time, not steps: a save costs the same whatever the step rate (Gemma-3-270M: 2.86 GB in 5.8 s, 6.4% of
+    # its training every 10 steps, 1.9% every 5 minutes; benchmarks/recovery_step.py); a kill loses at most this much,
+    # Ctrl-C nothing (it saves on the way out).
     save_minutes: float = 5.0
     save_every: int | None = None  # also every N steps
     restart_on_mismatch: bool = False  # a resume_dir from another run: start over (True) or refuse (False)
