@@ -4,8 +4,8 @@ fine-tune it with LoRA (the AMP paper's recipe) and merge the adapters into the 
 ``recover(student, teacher, tokenizer, spec)`` trains in place and returns what it did. The run is a
 pure function of the starting weights, the data and the spec (seeded batch order, dropout and LoRA
 init); its state is saved every ``save_minutes`` (or ``save_every`` steps, whichever comes first; atomically,
-safetensors) into ``resume_dir``, and
-a run restarted with the same folder continues from there and ends with the same weights.
+safetensors) into ``resume_dir``, and a run restarted with the same folder continues from there and ends with the
+same weights.
 """
 
 from __future__ import annotations
