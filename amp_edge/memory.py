@@ -63,7 +63,8 @@ def heap_for_training_loop():
     Each step allocates and frees the same large tensors (logits, gradients of the vocabulary-wide weights); served by
     mmap, every one costs fresh pages the kernel zero-fills on first touch. Gemma-3-270M distillation, 4 x 256 tokens a
     step, bf16, 2 cores (benchmarks/recovery_step.py): 13.6 s a step with 1.45M page faults, 8.3 s with none after
-    the first steps, for 0.6 GB more peak RSS (8.2 GB). A no-op off glibc, and where ``AMP_EDGE_HEAP_CAP=off`` (malloc left as glibc sets it).
+    the first steps, for 0.6 GB more peak RSS (8.2 GB). A no-op off glibc, and where ``AMP_EDGE_HEAP_CAP=off``
+    (malloc left as glibc sets it).
     """
     libc = libc_handle()
     held = (os.environ.get(HEAP_CAP_ENV) != "off" and libc is not None and hasattr(libc, "mallopt")
